@@ -1,0 +1,23 @@
+# Personalize: the two commands a fresh machine needs.
+#   make demo   set up the host and run the example workflow headless (the main job)
+#   make test   set up the host and run the tests
+PY := .venv/bin/python
+DEMO_WORKFLOW ?= example_workflows/bootpig_reference.json
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test checkpoint clean
+
+setup:
+	bash scripts/setup.sh
+
+checkpoint: setup
+	$(PY) -m scripts.make_checkpoint
+
+demo: checkpoint
+	$(PY) -m scripts.run_workflow $(DEMO_WORKFLOW) --output-dir output/demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf .cache output

@@ -1,0 +1,232 @@
+"""BootPIG nodes (arXiv 2401.13974): zero-shot subject personalization by Reference Self-Attention.
+
+Thin node classes over ``nodes/``: the RSA engine in ``nodes/reference_attention.py``, the weights format in
+``nodes/bootpig_weights.py``, reference preparation in ``nodes/images.py``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .nodes import bootpig_weights, introspect, paths
+from .nodes.errors import InputError, require
+from .nodes.images import as_batch, check_masks, subject_on_white
+from .nodes.reference_attention import FEATURE_MODES, POOLING_MODES, ReferenceSet, RSASettings, apply_rsa, find_rsa
+
+CATEGORY = "personalize/BootPIG"
+REFERENCE_TYPE = "BOOTPIG_REFERENCE"
+NATIVE_RESOLUTION = {"sd15": 512, "sd2": 512, "sdxl": 1024}
+
+
+def _encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    return vae.encode(pixels[..., :3])
+
+
+class BootPIGReferenceEncoder:
+    DESCRIPTION = ("Prepares 1-5 photos of a subject for BootPIG: subject on white (with the optional masks), cropped "
+                   "to the subject, padded square, encoded by the VAE. During sampling the reference UNet re-noises "
+                   "them to each step's noise level and reads them.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The reference UNet: the checkpoint's own model (reference-attention "
+                                               "mode, no training needed) or the reference model from BootPIG Loader."}),
+                "vae": ("VAE", {"tooltip": "The VAE of the checkpoint, used to encode the reference photos."}),
+                "images": ("IMAGE", {"tooltip": "1 to 5 photos of the subject (a batch of one size)."}),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "Optional subject mask, one per image or one for all: outside it the "
+                                             "photo is made white and it is cropped to the subject (BootPIG's input). "
+                                             "Without a mask the photos should show the subject on white."}),
+                "reference_conditioning": ("CONDITIONING", {
+                    "tooltip": "Optional prompt for the reference pass, e.g. 'a photo of a dog'. Without it each "
+                               "reference pass uses the prompt of the image being generated (BootPIG's default)."}),
+                "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
+                                       "tooltip": "Square size the references are resized to before encoding. 0 = the "
+                                                  "model's native size (512 SD1.5/SD2, 1024 SDXL)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Seed of the fresh noise added to the references at every step."}),
+            },
+        }
+
+    RETURN_TYPES = (REFERENCE_TYPE,)
+    RETURN_NAMES = ("reference",)
+    OUTPUT_TOOLTIPS = ("Encoded references for BootPIG RSA Patch.",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    def encode(self, model, vae, images, mask=None, reference_conditioning=None, resolution=0, seed=0):
+        fam = introspect.family(model, "model")
+        images = as_batch(images, "images")
+        masks = check_masks(mask, images, "mask")
+        require(resolution == 0 or resolution >= 64, "resolution", "0 (native) or at least 64", resolution)
+        size = resolution or NATIVE_RESOLUTION[fam]
+        context = None
+        if reference_conditioning is not None:
+            require(isinstance(reference_conditioning, list) and len(reference_conditioning) > 0,
+                    "reference_conditioning", "a CONDITIONING from a text encoder", type(reference_conditioning).__name__)
+            context = reference_conditioning[0][0]
+            want = introspect.base_model(model).model_config.unet_config.get("context_dim")
+            require(context.shape[-1] == want, "reference_conditioning",
+                    f"text embeddings of width {want} (this model's text encoder)", f"width {context.shape[-1]}")
+            context = context[:1].detach().clone().cpu()
+        if images.shape[0] > 5:
+            import logging
+            logging.warning("BootPIG Reference UNet Encoder: %d references; the paper uses 1-5", images.shape[0])
+        pixels = torch.stack([subject_on_white(images[i], None if masks is None else masks[i], size)
+                              for i in range(images.shape[0])])
+        bm = introspect.base_model(model)
+        latents = bm.process_latent_in(_encode(vae, pixels).float().cpu())
+        want_ch = bm.latent_format.latent_channels
+        require(latents.shape[1] == want_ch, "vae", f"a VAE with {want_ch} latent channels (this model's)",
+                f"{latents.shape[1]}")
+        white = bm.process_latent_in(_encode(vae, torch.ones(1, 64, 64, 3)).float().cpu()).mean(dim=(0, 2, 3))
+        return (ReferenceSet(latents=latents, white=white, encoder=model, family=fam, context=context, seed=int(seed)),)
+
+
+class BootPIGRSAPatch:
+    DESCRIPTION = ("Reference Self-Attention: every self-attention block of the model also attends to the reference "
+                   "tokens (16 blocks on SD1.5, 70 on SDXL), so the generated subject takes the reference's identity. "
+                   "Returns a patched copy of the model; the input model is unchanged.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The base model to generate with (the checkpoint's, or the base model "
+                                               "from BootPIG Loader)."}),
+                "reference": (REFERENCE_TYPE, {"tooltip": "From BootPIG Reference UNet Encoder."}),
+                "ref_scale": ("FLOAT", {"default": 1.1, "min": 0.0, "max": 5.0, "step": 0.01,
+                                        "tooltip": "Reference tokens are multiplied by this before the key projection "
+                                                   "only: sharper attention onto the reference (BootPIG code: 1.1)."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01,
+                                       "tooltip": "Blend between plain self-attention (0) and RSA (1)."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                            "tooltip": "Sampling progress at which RSA starts."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                                          "tooltip": "Sampling progress at which RSA ends."}),
+                "pooling": (list(POOLING_MODES), {"default": "softmax",
+                                                  "tooltip": "Several references: softmax = per-pixel softmax over the "
+                                                             "norms of each reference's contribution (paper); argmax = "
+                                                             "the strongest per token (official code); concat = one "
+                                                             "long sequence; mean = average. One reference: all equal."}),
+                "reference_features": (list(FEATURE_MODES), {
+                    "default": "per_step",
+                    "tooltip": "per_step: re-noise and re-encode the references at every step (BootPIG). once: encode "
+                               "them at one noise level (once_percent) per run and reuse them (faster)."}),
+                "guidance": (["cfg", "three_branch"], {
+                    "default": "cfg",
+                    "tooltip": "cfg: the KSampler's CFG, negative prompt without reference. three_branch: BootPIG's "
+                               "eps_u + image_scale (eps_ref - eps_u) + text_scale (eps_ref+text - eps_ref); replaces "
+                               "the KSampler's cfg value and costs one more batch per step."}),
+            },
+            "optional": {
+                "once_percent": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                           "tooltip": "With reference_features = once: the sampling progress whose "
+                                                      "noise level the references are encoded at."}),
+                "image_scale": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                                          "tooltip": "three_branch: image guidance scale (paper: 5.0)."}),
+                "text_scale": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1,
+                                         "tooltip": "three_branch: text guidance scale (paper: 7.5)."}),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with Reference Self-Attention; connect it to a KSampler.",)
+    FUNCTION = "patch"
+    CATEGORY = CATEGORY
+
+    def patch(self, model, reference, ref_scale=1.1, strength=1.0, start_percent=0.0, end_percent=1.0,
+              pooling="softmax", reference_features="per_step", guidance="cfg", once_percent=0.5, image_scale=5.0,
+              text_scale=7.5):
+        require(isinstance(reference, ReferenceSet), "reference", "a BOOTPIG_REFERENCE from BootPIG Reference UNet "
+                "Encoder", type(reference).__name__)
+        fam = introspect.family(model, "model")
+        if reference.family != fam:
+            raise InputError("reference", f"references encoded for {introspect.FAMILY_NAMES[fam]} (the base model's "
+                             "family)", f"references encoded with an {introspect.FAMILY_NAMES[reference.family]} model")
+        require(pooling in POOLING_MODES, "pooling", f"one of {POOLING_MODES}", pooling)
+        require(reference_features in FEATURE_MODES, "reference_features", f"one of {FEATURE_MODES}", reference_features)
+        require(guidance in ("cfg", "three_branch"), "guidance", "cfg or three_branch", guidance)
+        require(start_percent <= end_percent, "start_percent", f"at most end_percent ({end_percent})", start_percent)
+        if find_rsa(model) is not None:
+            raise InputError("model", "a model without a BootPIG RSA Patch (put several references into one encoder "
+                             "instead of chaining patches)", "a model that already has one")
+        ms = model.get_model_object("model_sampling")
+        enc = reference.encoder
+        shared = (enc.model is model.model and enc.patches_uuid == model.patches_uuid
+                  and len(enc.patches) == len(model.patches))
+        settings = RSASettings(ref_scale=float(ref_scale), strength=float(strength),
+                               sigma_start=float(ms.percent_to_sigma(start_percent)),
+                               sigma_end=float(ms.percent_to_sigma(end_percent)), pooling=pooling,
+                               features=reference_features, once_sigma=float(ms.percent_to_sigma(once_percent)),
+                               batched=shared)
+        if guidance == "three_branch":
+            return (apply_rsa(model, reference, settings, image_scale, text_scale),)
+        return (apply_rsa(model, reference, settings),)
+
+
+def _bootpig_choices() -> list[str]:
+    import folder_paths
+
+    names = list(paths.list_files("bootpig"))
+    for root in folder_paths.get_folder_paths("bootpig"):
+        if os.path.isdir(root):
+            for d in sorted(os.listdir(root)):
+                if os.path.isdir(os.path.join(root, d, "ref_unet")):
+                    names.append(d + "/")
+    return names
+
+
+class BootPIGLoader:
+    DESCRIPTION = ("Loads trained BootPIG weights from models/bootpig/: a .safetensors file in the pack's format, or "
+                   "a folder with ref_unet/ and base_unet/ as the official training code writes them. Outputs the "
+                   "base model with its trained self-attention and the trained reference UNet.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The checkpoint the BootPIG weights were trained from (same family)."}),
+            "bootpig_name": (_bootpig_choices(), {"tooltip": "Weights in models/bootpig/."}),
+        }}
+
+    RETURN_TYPES = ("MODEL", "MODEL")
+    RETURN_NAMES = ("base_model", "reference_model")
+    OUTPUT_TOOLTIPS = ("Base model with the trained attn1 weights: connect to BootPIG RSA Patch.",
+                       "Trained reference UNet: connect to BootPIG Reference UNet Encoder.")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, model, bootpig_name):
+        import folder_paths
+
+        path = None
+        if bootpig_name.endswith("/"):
+            for root in folder_paths.get_folder_paths("bootpig"):
+                cand = os.path.join(root, bootpig_name.rstrip("/"))
+                if os.path.isdir(cand):
+                    path = cand
+                    break
+            if path is None:
+                raise InputError("bootpig_name", "a folder in models/bootpig/", repr(bootpig_name))
+        elif os.path.isabs(bootpig_name) and os.path.exists(bootpig_name):
+            path = bootpig_name
+        else:
+            path = paths.full_path("bootpig", bootpig_name)
+        ref_sd, attn1_sd, _ = bootpig_weights.load(path, model)
+        return bootpig_weights.apply(model, ref_sd, attn1_sd)
+
+
+NODE_CLASS_MAPPINGS = {
+    "PersonalizeBootPIGReferenceEncoder": BootPIGReferenceEncoder,
+    "PersonalizeBootPIGRSAPatch": BootPIGRSAPatch,
+    "PersonalizeBootPIGLoader": BootPIGLoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "PersonalizeBootPIGReferenceEncoder": "BootPIG Reference UNet Encoder",
+    "PersonalizeBootPIGRSAPatch": "BootPIG RSA Patch",
+    "PersonalizeBootPIGLoader": "BootPIG Loader",
+}

@@ -1,0 +1,87 @@
+"""Model introspection: family, attention block keys in forward order, token grids."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .errors import InputError
+
+FAMILY_NAMES = {"sd15": "SD1.5", "sd2": "SD2.x", "sdxl": "SDXL"}
+
+
+class BlockKey(NamedTuple):
+    """Where a BasicTransformerBlock sits: ComfyUI's (block name, block id) plus its depth inside the transformer."""
+
+    name: str
+    id: int
+    index: int
+
+    @classmethod
+    def from_options(cls, extra_options: dict) -> "BlockKey":
+        name, bid = extra_options["block"][:2]
+        return cls(name, int(bid), int(extra_options.get("block_index", 0)))
+
+
+def base_model(model):
+    """The BaseModel behind a ModelPatcher (or the BaseModel itself)."""
+    return getattr(model, "model", model)
+
+
+def family(model, input_name: str = "model") -> str:
+    """'sd15', 'sd2' or 'sdxl' for UNet models of the Stable Diffusion family; InputError for anything else."""
+    import comfy.model_base as mb
+
+    bm = base_model(model)
+    cfg = getattr(getattr(bm, "model_config", None), "unet_config", {}) or {}
+    if isinstance(bm, mb.SDXL):
+        return "sdxl"
+    if type(bm) is mb.BaseModel:
+        ctx = cfg.get("context_dim")
+        if ctx == 768:
+            return "sd15"
+        if ctx == 1024:
+            return "sd2"
+    raise InputError(input_name, "an SD1.5, SD2.x or SDXL UNet model", type(bm).__name__)
+
+
+def transformer_blocks(model) -> list[BlockKey]:
+    """Every BasicTransformerBlock of the UNet, in forward order (16 on SD1.5, 70 on SDXL)."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    unet = base_model(model).diffusion_model
+    keys: list[BlockKey] = []
+
+    def scan(name: str, bid: int, seq) -> None:
+        for layer in seq:
+            if isinstance(layer, SpatialTransformer):
+                keys.extend(BlockKey(name, bid, j) for j in range(len(layer.transformer_blocks)))
+
+    for i, blk in enumerate(unet.input_blocks):
+        scan("input", i, blk)
+    scan("middle", 0, unet.middle_block)
+    for i, blk in enumerate(unet.output_blocks):
+        scan("output", i, blk)
+    return keys
+
+
+def attention_module(model, key: BlockKey, which: str = "attn1"):
+    """The CrossAttention module (attn1 or attn2) of one transformer block."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    unet = base_model(model).diffusion_model
+    seq = {"input": lambda: unet.input_blocks[key.id], "middle": lambda: unet.middle_block,
+           "output": lambda: unet.output_blocks[key.id]}[key.name]()
+    for layer in seq:
+        if isinstance(layer, SpatialTransformer):
+            return getattr(layer.transformer_blocks[key.index], which)
+    raise KeyError(key)
+
+
+def token_grid(extra_options: dict) -> tuple[int, int]:
+    """(h, w) of the token grid an attention patch sees, from transformer_options['activations_shape']."""
+    shape = extra_options["activations_shape"]
+    return int(shape[-2]), int(shape[-1])
+
+
+def latent_channels(model) -> int:
+    bm = base_model(model)
+    return int(bm.diffusion_model.input_blocks[0][0].weight.shape[1])

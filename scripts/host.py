@@ -1,0 +1,69 @@
+"""Find and boot the ComfyUI host in-process (tests, benchmarks, generators).
+
+The pack's shared package is called ``nodes`` like ComfyUI's own ``nodes.py``; the repo root must therefore never
+be on ``sys.path`` ahead of ComfyUI. The pack is imported as ``personalize`` through a link in an import root.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACK_NAME = "personalize"
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("PERSONALIZE_CACHE", REPO / ".cache"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def comfyui_root() -> Path:
+    root = Path(os.environ.get("COMFYUI_ROOT", REPO / ".comfyui")).resolve()
+    if not (root / "main.py").is_file():
+        raise SystemExit(f"error: no ComfyUI at {root} (run `make setup`, or set COMFYUI_ROOT to a ComfyUI checkout)")
+    return root
+
+
+def import_root() -> Path:
+    """A folder holding one link, ``personalize`` -> the repo, so that ``import personalize`` loads the pack."""
+    d = cache_dir() / "importroot"
+    d.mkdir(parents=True, exist_ok=True)
+    link = d / PACK_NAME
+    if not link.exists():
+        tmp = d / f".{PACK_NAME}.{os.getpid()}"
+        os.symlink(REPO, tmp)
+        os.replace(tmp, link)
+    return d
+
+
+def bootstrap(cpu: bool | None = None) -> Path:
+    """Put ComfyUI first on sys.path, set its CLI args for in-process use, and make the pack importable."""
+    root = comfyui_root()
+    repo = os.path.realpath(REPO)
+    sys.path[:] = [str(root), str(import_root())] + [
+        p for p in sys.path if p not in ("", ".") and os.path.realpath(p) not in (repo, str(root))
+    ]
+    import comfy.options  # noqa: F401  (args are not parsed from our argv: comfy.options.args_parsing stays False)
+    from comfy.cli_args import args
+
+    if cpu is None:
+        import torch
+
+        cpu = not torch.cuda.is_available()
+    args.cpu = bool(cpu)
+    return root
+
+
+def extra_model_paths_yaml(out: Path) -> Path:
+    """A model-paths file that adds the pack's generated checkpoints (cache/checkpoints) to a ComfyUI server."""
+    ckpt = cache_dir() / "checkpoints"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        "personalize_cache:\n"
+        f"    base_path: {cache_dir()}\n"
+        "    checkpoints: checkpoints\n"
+        "    loras: loras\n"
+    )
+    return out

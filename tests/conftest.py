@@ -1,0 +1,52 @@
+"""Test harness: the real ComfyUI host in-process (no stand-ins for comfy.*), tiny seeded-random models in the real
+SD1.5/SDXL layouts, and one shared ComfyUI server for server-level tests."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from scripts import host  # noqa: E402
+
+host.bootstrap()
+sys.path.insert(0, str(REPO / "tests"))
+
+import torch  # noqa: E402
+
+import personalize  # noqa: E402,F401  (the pack, imported as a package through the import-root link)
+from scripts import models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pack():
+    return personalize
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15():
+    return models.build_model("sd15", tiny=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    return models.build_model("sdxl", tiny=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_path():
+    from scripts.make_checkpoint import ensure_checkpoint
+
+    return ensure_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def server(checkpoint_path):
+    """A real ComfyUI server (subprocess) with the pack installed and the generated checkpoint available."""
+    from scripts.server import LocalServer
+
+    srv = LocalServer().start()
+    yield srv
+    srv.stop()
