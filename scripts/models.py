@@ -117,3 +117,20 @@ def build_vae(seed: int = 0):
     init_random_(net, seed)
     sd = {k: v for k, v in net.state_dict().items()}
     return comfy.sd.VAE(sd=sd)
+
+
+TINY_CLIP_L = {"num_hidden_layers": 2, "intermediate_size": 512, "num_attention_heads": 4}
+
+
+def build_clip(tiny: bool = True, seed: int = 0):
+    """A real ``comfy.sd.CLIP`` (SD1.5's CLIP-L layout, ComfyUI's bundled tokenizer) with seeded random weights.
+    ``tiny`` keeps the 768-wide embeddings SD1.5's UNet expects but only 2 layers."""
+    import comfy.sd
+    import comfy.sd1_clip
+    from comfy.supported_models_base import ClipTarget
+
+    opts = {"clip_l_model_config": dict(TINY_CLIP_L)} if tiny else {}
+    clip = comfy.sd.CLIP(target=ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel),
+                         model_options=opts)
+    init_random_(clip.cond_stage_model, seed)
+    return clip
