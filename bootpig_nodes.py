@@ -47,7 +47,7 @@ class BootPIGReferenceEncoder:
                 "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
                                        "tooltip": "Square size the references are resized to before encoding. 0 = the "
                                                   "model's native size (512 SD1.5/SD2, 1024 SDXL)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "Seed of the fresh noise added to the references at every step."}),
             },
         }

@@ -141,8 +141,12 @@ async def run_prompt(server: str, api: dict, timeout: float, quiet: bool) -> dic
                     raise CliError("the run was interrupted", 1)
                 elif kind == "execution_success":
                     break
-    history = http_json(f"{server}/history/{prompt_id}")
-    entry = history.get(prompt_id)
+    entry = None
+    for _ in range(120):  # the history entry is stored just after the last websocket message
+        entry = http_json(f"{server}/history/{prompt_id}").get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            break
+        await asyncio.sleep(0.25)
     if not entry:
         raise CliError(f"prompt {prompt_id} finished but is missing from /history", 1)
     status = entry.get("status", {})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -53,6 +54,15 @@ class LocalServer:
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
         self._yaml = host.extra_model_paths_yaml(self.work / "extra_model_paths.yaml")
+        # a private input folder seeded with ComfyUI's own inputs (example.png) and the pack's example inputs
+        self.input_dir = self.work / "input"
+        self.input_dir.mkdir(parents=True, exist_ok=True)
+        (self.work / "user").mkdir(parents=True, exist_ok=True)
+        for src in (self.root / "input", REPO / "example_workflows" / "input"):
+            if src.is_dir():
+                for f in src.iterdir():
+                    if f.is_file():
+                        shutil.copy2(f, self.input_dir / f.name)
 
     def start(self) -> "LocalServer":
         import torch
