@@ -65,6 +65,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# The browser tests drive Debian's Chromium (never a downloaded browser). Installed with apt where we are root;
+# PERSONALIZE_NO_BROWSER=1 skips it (the browser tests then fail and say why).
+if [ -z "${PERSONALIZE_NO_BROWSER:-}" ] && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing Debian's chromium for the browser tests"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+      || log "WARNING: could not install chromium: the browser tests will fail"
+  else
+    log "WARNING: /usr/bin/chromium is missing and apt-get is not usable here: the browser tests will fail"
+  fi
+fi
+
 # Link the pack into ComfyUI's custom_nodes/ as users install it (git clone into custom_nodes/).
 link="$COMFYUI_ROOT/custom_nodes/personalize"
 if [ ! -e "$link" ]; then
