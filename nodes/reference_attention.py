@@ -107,7 +107,8 @@ def pool(o: torch.Tensor, deltas: list[torch.Tensor], mode: str, norms_from: lis
 # ------------------------------------------------------------------------------------------------------ call plan
 @dataclass
 class CallState:
-    """Per-call plan, stored in the per-call transformer_options and dropped with it."""
+    """Per-call plan, stored in the per-call transformer_options and dropped with it. Index tensors are built once per
+    UNet call on the CPU side of the plan, so the hot path (every attention block) never syncs with the device."""
 
     settings: RSASettings
     n_refs: int
@@ -116,7 +117,25 @@ class CallState:
     all_ref: bool
     none_ref: bool
     bank: dict | None = None         # BlockKey -> [R, T, C] (bank mode) or None (batched: rows of the same call)
-    scale: torch.Tensor | None = None
+    idx_ref: torch.Tensor | None = None
+    idx_plain: torch.Tensor | None = None
+    _scale: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        uses = self.uses_ref.cpu()
+        dev = self.uses_ref.device
+        if self.idx_ref is None:
+            self.idx_ref = torch.nonzero(uses, as_tuple=True)[0].to(dev)
+        if self.idx_plain is None:
+            self.idx_plain = torch.nonzero(~uses, as_tuple=True)[0].to(dev)
+        self._uses_cpu = uses
+
+    def key_scale(self, dtype) -> torch.Tensor:
+        """[rows, 1, 1]: ref_scale on rows that read references, 1 elsewhere (their extra keys are ignored)."""
+        if dtype not in self._scale:
+            vals = torch.where(self._uses_cpu, torch.tensor(float(self.settings.ref_scale)), torch.tensor(1.0))
+            self._scale[dtype] = vals.view(-1, 1, 1).to(device=self.uses_ref.device, dtype=dtype)
+        return self._scale[dtype]
 
 
 class RunCache:
@@ -210,8 +229,7 @@ class RSAPatch(PatchValue):
                     ref_index[r] = B + gi * N + torch.arange(N)
         assert int(ref_index.max()) < src_rows
         to = dict(transformer_options)
-        state = CallState(s, N, ref_index.to(dev), uses.to(dev), bool(uses[:B].all()) and rows == B,
-                          not bool(uses.any()))
+        state = CallState(s, N, ref_index.to(dev), uses.to(dev), all_ref=bool(uses.all()), none_ref=not bool(uses.any()))
         to[self.state_key] = state
 
         def noisy(sig):
@@ -277,9 +295,7 @@ class RSAPatch(PatchValue):
             src = torch.cat([n, feats.to(n.dtype)])
         else:
             src = n
-        s = self.settings
-        scale = torch.where(state.uses_ref, torch.tensor(s.ref_scale, dtype=n.dtype, device=n.device),
-                            torch.tensor(1.0, dtype=n.dtype, device=n.device)).view(-1, 1, 1)
+        scale = state.key_scale(n.dtype)
         ks, vs = [n], [n]
         for i in range(state.n_refs):
             r = src[state.ref_index[:, i]]
@@ -294,11 +310,13 @@ class RSAPatch(PatchValue):
         T = q.shape[1]
         if state is None or state.none_ref or k.shape[1] == T:
             return attention(q, k[:, :T], v[:, :T], heads, extra_options)
-        if state.all_ref:
+        s = self.settings
+        if state.all_ref or (s.strength == 1.0 and (state.n_refs == 1 or s.pooling == "concat")):
+            # one attention for every row: rows without a reference carry copies of their own keys/values, and a
+            # softmax over duplicated keys equals plain self-attention, so no gather/scatter is needed
             return self._rsa(q, k, v, heads, extra_options, T)
         out = torch.empty_like(q)
-        idx_ref = torch.nonzero(state.uses_ref, as_tuple=True)[0]
-        idx_plain = torch.nonzero(~state.uses_ref, as_tuple=True)[0]
+        idx_ref, idx_plain = state.idx_ref, state.idx_plain
         out[idx_plain] = attention(q[idx_plain], k[idx_plain, :T], v[idx_plain, :T], heads, extra_options)
         out[idx_ref] = self._rsa(q[idx_ref], k[idx_ref], v[idx_ref], heads, extra_options, T)
         return out
