@@ -196,7 +196,7 @@ def load_into(modules: dict[str, _LoRABase], sd: dict[str, torch.Tensor], input_
 
     expected = [f"{k}.{s}" for k in modules for s in ("lora_down.weight", "lora_up.weight")]
     check_keys(sd.keys(), expected, "LoRA for this model and settings", input_name)
-    with torch.no_grad(), torch.inference_mode(False):
+    with torch.inference_mode(False), torch.no_grad():
         for key, m in modules.items():
             for attr in ("lora_down", "lora_up"):
                 src = sd[f"{key}.{attr}.weight"]

@@ -163,7 +163,8 @@ def prepare_pixels(images: Sequence[torch.Tensor], resolution: int) -> torch.Ten
 
 
 def validate_config(cfg: TrainConfig) -> None:
-    require(isinstance(cfg.rank, int) and cfg.rank >= 1, "rank", "an integer >= 1", cfg.rank)
+    require(isinstance(cfg.rank, int) and cfg.rank >= 1, "rank", "an integer from 1 to the width of the smallest "
+            "trained layer", cfg.rank)
     require(cfg.alpha > 0, "alpha", "a positive number (scale = alpha / rank)", cfg.alpha)
     require(cfg.steps >= 1, "steps", "at least 1", cfg.steps)
     require(cfg.batch_size >= 1, "batch_size", "at least 1", cfg.batch_size)
@@ -390,6 +391,20 @@ def _checkpointed(module: torch.nn.Module) -> None:
             m.forward = run
 
 
+def _out_of_place_clip(te: torch.nn.Module) -> None:
+    """ComfyUI's CLIPLayer adds its residuals in place (``x += ...``), which autograd rejects once the layers carry
+    trainable LoRA: give the layers of the (copied) text encoder an out-of-place forward with the same math."""
+    from comfy.clip_model import CLIPLayer
+
+    for m in te.modules():
+        if isinstance(m, CLIPLayer):
+            def forward(x, mask=None, optimized_attention=None, _m=m):
+                x = x + _m.self_attn(_m.layer_norm1(x), mask, optimized_attention)
+                return x + _m.mlp(_m.layer_norm2(x))
+
+            m.forward = forward
+
+
 def _mix(*xs: int) -> int:
     h = hashlib.blake2b(repr(xs).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
@@ -541,6 +556,35 @@ def unet_layer_names(model, targets: str) -> dict[str, str]:
     return lora.unet_target_names(bm.diffusion_model, bm.model_config.unet_config, targets)
 
 
+def build_trainable(model, clip, cfg: TrainConfig, names: dict, te_names: dict, conds: dict, tokens: dict,
+                    autocast_dtype=None):
+    """(DreamBoothStep, {kohya key: LoRA module}, UNet LoRA params, text-encoder LoRA params) over copies of the
+    model's UNet (and text encoder): the model and clip passed in are not modified."""
+    fam = introspect.family(model, "model")
+    bm = introspect.base_model(model)
+    weight_dtype = torch.float32 if autocast_dtype is None else None
+    with torch.inference_mode(False):
+        unet = lora.trainable_copy(bm.diffusion_model, weight_dtype)
+        unet_mods = lora.inject(unet, names, cfg.rank, cfg.alpha, cfg.seed)
+        te, te_mods = None, {}
+        if te_names:
+            clip.load_model()
+            te = lora.trainable_copy(clip.cond_stage_model, weight_dtype)
+            te_mods = lora.inject(te, te_names, cfg.rank, cfg.alpha, _mix(cfg.seed, 1))
+            _out_of_place_clip(te)
+        if cfg.gradient_checkpointing:
+            _checkpointed(unet)
+        fixed = {k: (c.float().clone(), None if p is None else p.float().clone()) for k, (c, p) in conds.items()}
+        step_mod = DreamBoothStep(bm, unet, te, tokens, fixed, fam, cfg.resolution,
+                                  getattr(clip, "layer_idx", None) if clip is not None else None)
+    modules = dict(unet_mods)
+    modules.update(te_mods)
+    params_unet = [p for m in unet_mods.values() for p in (m.lora_down, m.lora_up)]
+    params_te = [p for m in te_mods.values() for p in (m.lora_down, m.lora_up)]
+    return step_mod, modules, params_unet, params_te
+
+
+
 def train(model, clip, vae, images, cfg: TrainConfig, save_path: str, cache_dir: str | None = None, *,
           overwrite: bool = False, resume: bool = True,
           on_step: Callable[[int, int, float, float | None], None] | None = None,
@@ -568,7 +612,9 @@ def train(model, clip, vae, images, cfg: TrainConfig, save_path: str, cache_dir:
     resume_meta = check_resume_family(rpath, fam) if resume else None
 
     with torch.inference_mode(False), torch.no_grad():
-        # ---- data (no autograd: the frozen models may hold weights that require grad)
+        # ---- data (no autograd: the frozen models may hold weights that require grad). Load the model first: clones
+        # share one BaseModel, whose weights hold the patches of whichever clone was loaded last.
+        mm.load_models_gpu([model], force_full_load=True)
         pixels = prepare_pixels(images, cfg.resolution)
         bm = introspect.base_model(model)
         raw = vae.encode(pixels).float().cpu()
@@ -605,26 +651,9 @@ def train(model, clip, vae, images, cfg: TrainConfig, save_path: str, cache_dir:
         mm.load_models_gpu([model], force_full_load=True)
         device = model.load_device
         ac = _autocast_dtype(cfg.training_dtype, device)
-        weight_dtype = torch.float32 if ac is None else None
-        unet = lora.trainable_copy(bm.diffusion_model, weight_dtype)
-        unet_mods = lora.inject(unet, names, cfg.rank, cfg.alpha, cfg.seed)
-        te, te_mods = None, {}
-        if cfg.train_text_encoder:
-            clip.load_model()
-            te = lora.trainable_copy(clip.cond_stage_model, weight_dtype)
-            te_mods = lora.inject(te, te_names, cfg.rank, cfg.alpha, _mix(cfg.seed, 1))
-        if cfg.gradient_checkpointing:
-            _checkpointed(unet)
-        step_mod = DreamBoothStep(bm, unet, te, {"inst": tok_i, "cls": tok_c},
-                                  {"inst": (cond_i.float().clone(), pooled_i.float().clone() if pooled_i is not None
-                                            else None),
-                                   "cls": (cond_c.float().clone(), pooled_c.float().clone() if pooled_c is not None
-                                           else None)},
-                                  fam, cfg.resolution, getattr(clip, "layer_idx", None))
-        modules = dict(unet_mods)
-        modules.update(te_mods)
-        params_unet = [p for m in unet_mods.values() for p in (m.lora_down, m.lora_up)]
-        params_te = [p for m in te_mods.values() for p in (m.lora_down, m.lora_up)]
+        step_mod, modules, params_unet, params_te = build_trainable(
+            model, clip, cfg, names, te_names, {"inst": (cond_i, pooled_i), "cls": (cond_c, pooled_c)},
+            {"inst": tok_i, "cls": tok_c}, ac)
         groups = [{"params": params_unet, "lr": cfg.learning_rate}]
         if params_te:
             groups.append({"params": params_te, "lr": cfg.text_encoder_lr})
@@ -684,7 +713,7 @@ def train(model, clip, vae, images, cfg: TrainConfig, save_path: str, cache_dir:
             if os.path.exists(rpath):
                 os.unlink(rpath)
         _barrier()
-        del runner, step_mod, unet, te, opt
+        del runner, step_mod, opt
         mm.soft_empty_cache()
     return TrainResult(save_path, sd, meta, losses, start, cache_file, cache_hit)
 

@@ -1,0 +1,398 @@
+"""DreamBooth LoRA Trainer (issue 5): training loop, prior preservation, kohya files loaded by ComfyUI's own loader,
+resume, torchrun DDP, input errors. Tiny seeded SD1.5 models in the real layout, real ComfyUI, 64 px / 8x8 latents."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import run_node, sample
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def mods():
+    """Model, CLIP and VAE built under inference mode, as ComfyUI's executor loads checkpoints (inference tensors)."""
+    from scripts import models
+
+    with torch.inference_mode():
+        return models.build_model("sd15", tiny=True, seed=0), models.build_clip(seed=0), models.build_vae(seed=0)
+
+
+@pytest.fixture(scope="module")
+def photos():
+    g = torch.Generator().manual_seed(3)
+    base = torch.rand(1, 64, 64, 3, generator=g)
+    return (base + 0.1 * torch.rand(3, 64, 64, 3, generator=g)).clamp(0, 1)  # three "photos" of one subject
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    """models/loras and the output folder of the real folder_paths, pointed at a temporary folder."""
+    import folder_paths
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], {".safetensors"}))
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    folder_paths.filename_list_cache.pop("loras", None)
+    yield {"loras": loras, "cache": tmp_path / "output" / "personalize_class_images", "tmp": tmp_path}
+    folder_paths.filename_list_cache.pop("loras", None)
+
+
+def cfg(**kw):
+    from personalize.nodes.training import TrainConfig
+
+    base = dict(PROMPTS, num_class_images=2, class_steps=2, steps=6, resolution=64, learning_rate=1e-3,
+                checkpoint_every=0, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def node_inputs(mods, photos, **kw):
+    m, c, v = mods
+    d = dict(model=m, clip=c, vae=v, instance_images=photos, class_noun="dog", num_class_images=2, steps=12,
+             resolution=64, learning_rate=2e-3, seed=0, save_name="sks_dog", class_steps=2, checkpoint_every=0)
+    d.update(kw)
+    return d
+
+
+class LoraLog(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if "lora key not loaded" in msg:
+            self.lines.append(msg)
+
+
+def load_stock(model, clip, path):
+    """ComfyUI's own LoraLoader path: load_torch_file + comfy.sd.load_lora_for_models, 'not loaded' lines captured."""
+    import comfy.sd
+    import comfy.utils
+
+    h = LoraLog()
+    logging.getLogger().addHandler(h)
+    try:
+        sd = comfy.utils.load_torch_file(str(path), safe_load=True)
+        with torch.inference_mode():
+            m, c = comfy.sd.load_lora_for_models(model, clip, sd, 1.0, 1.0)
+    finally:
+        logging.getLogger().removeHandler(h)
+    return m, c, sd, h.lines
+
+
+def instance_loss(model, clip, vae, photos, prompt="a photo of sks dog"):
+    """Noise-prediction MSE on the instance photos at fixed timesteps and noise, through ComfyUI's model
+    (BaseModel.apply_model with the ModelPatcher's weight patches applied)."""
+    import comfy.model_management as mm
+    from personalize.nodes import training
+
+    with torch.inference_mode():
+        mm.load_models_gpu([model])
+        bm = model.model
+        x0 = bm.process_latent_in(vae.encode(training.prepare_pixels(list(photos), 64)).float())
+        cond = clip.encode_from_tokens(clip.tokenize(prompt))
+        sigmas = model.get_model_object("model_sampling").sigmas
+        g = torch.Generator().manual_seed(11)
+        total = 0.0
+        for t in (50, 200, 400, 600, 800, 950):
+            noise = torch.randn(x0.shape, generator=g)
+            s = sigmas[t].expand(x0.shape[0])
+            x = x0 + noise * s.view(-1, 1, 1, 1)
+            den = bm.apply_model(x, s, c_crossattn=cond.expand(x0.shape[0], -1, -1))
+            eps = (x - den) / s.view(-1, 1, 1, 1)
+            total += float(torch.nn.functional.mse_loss(eps, noise))
+    return total / 6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_node_registered_with_tooltips(pack):
+    from personalize import dreambooth_nodes as dn
+
+    assert pack.NODE_CLASS_MAPPINGS["PersonalizeDreamBoothLoRATrainer"] is dn.DreamBoothLoRATrainer
+    spec = dn.DreamBoothLoRATrainer.INPUT_TYPES()
+    for group in spec.values():
+        for name, (_, opts) in group.items():
+            assert opts.get("tooltip"), name
+    assert dn.DreamBoothLoRATrainer.CATEGORY == "personalize/DreamBooth"
+    req = spec["required"]
+    assert req["prior_loss_weight"][1]["default"] == 1.0 and req["rank"][1]["default"] == 4
+    assert req["learning_rate"][1]["default"] == 1e-4 and req["steps"][1]["default"] == 500
+    assert req["instance_prompt"][1]["default"] == "a photo of sks {class}"
+
+
+def test_node_trains_saves_kohya_file_that_stock_loader_maps_completely(pack, mods, photos, dirs):
+    from personalize import dreambooth_nodes as dn
+
+    m, c, v = mods
+    pos = [[c.encode_from_tokens(c.tokenize("a photo of sks dog")), {}]]
+    neg = [[c.encode_from_tokens(c.tokenize("")), {}]]
+    before = sample(m, pos, neg, steps=2)
+    loss_before = instance_loss(m, c, v, photos)
+
+    model_out, clip_out, name, curve = run_node(dn.DreamBoothLoRATrainer, **node_inputs(mods, photos))
+    path = dirs["loras"] / "sks_dog.safetensors"
+    assert name == "sks_dog.safetensors" and path.is_file()
+    assert not [f for f in os.listdir(dirs["loras"]) if f.startswith(".tmp") or f.endswith(".resume")]
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and curve.min() >= 0 and curve.max() <= 1
+
+    # kohya layout + training metadata
+    from personalize.nodes.weights_io import load
+
+    sd, meta = load(str(path))
+    modules = {k.rsplit(".", 2)[0] for k in sd if k.endswith(".lora_down.weight")}
+    assert len(modules) == 16 * 2 * 4  # 16 transformer blocks x (attn1, attn2) x (q, k, v, out)
+    for k in modules:
+        assert k.startswith("lora_unet_") and {f"{k}.lora_up.weight", f"{k}.alpha"} <= set(sd)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in modules
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_prior_loss_weight"] == "1.0"
+    assert meta["ss_steps"] == "12"
+
+    # ComfyUI's own loader maps every key and patches every trained layer
+    loaded, _, raw, unmapped = load_stock(m, c, path)
+    assert unmapped == []
+    assert len(loaded.patches) == len(modules)
+
+    # it changes the output; the node's MODEL output is the same as loading the file; the parent is untouched
+    with_lora = sample(loaded, pos, neg, steps=2)
+    assert (with_lora - before).abs().max() > 1e-4
+    assert torch.equal(sample(model_out, pos, neg, steps=2), with_lora)
+    assert torch.equal(sample(m, pos, neg, steps=2), before)
+
+    # the instance loss measured through ComfyUI falls
+    loss_after = instance_loss(loaded, c, v, photos)
+    assert loss_after < loss_before * 0.97, (loss_before, loss_after)
+
+    # same save name again: refused without overwrite; class images come from the cache on a second run
+    from personalize.nodes.errors import InputError
+
+    with pytest.raises(InputError, match="save_name.*overwrite"):
+        run_node(dn.DreamBoothLoRATrainer, **node_inputs(mods, photos, steps=1))
+    caches = list(dirs["cache"].glob("class_*.safetensors"))
+    assert len(caches) == 1 and len(list(dirs["cache"].glob("class_*/*.png"))) == 2
+    mtime = caches[0].stat().st_mtime_ns
+    run_node(dn.DreamBoothLoRATrainer, **node_inputs(mods, photos, steps=1, save_name="again"))
+    _, meta2 = load(str(dirs["loras"] / "again.safetensors"))
+    assert meta2["personalize.class_images_cached"] == "True" and caches[0].stat().st_mtime_ns == mtime
+
+
+def test_zero_up_lora_leaves_output_identical(mods, tmp_path):
+    """A freshly initialised LoRA (kohya init: up = 0), saved and loaded by the stock loader, changes nothing."""
+    from personalize.nodes import lora, training
+    from personalize.nodes.weights_io import save_atomic
+
+    m, c, _ = mods
+    names = training.unet_layer_names(m, "transformer")
+    copy = lora.trainable_copy(m.model.diffusion_model)
+    sd = lora.state_dict(lora.inject(copy, names, 4, 4.0, seed=1))
+    assert all(float(v.abs().max()) == 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
+    assert all(float(v.abs().max()) > 0 for k, v in sd.items() if k.endswith("lora_down.weight"))
+    path = save_atomic(sd, str(tmp_path / "zero.safetensors"))
+    loaded, _, _, unmapped = load_stock(m, c, path)
+    assert unmapped == [] and len(loaded.patches) == len(names)
+    pos = [[c.encode_from_tokens(c.tokenize("a photo of sks dog")), {}]]
+    assert torch.equal(sample(loaded, pos, pos, steps=2), sample(m, pos, pos, steps=2))
+    # the copy shares nothing mutable with the parent: wrapping layers in the copy left the parent's modules alone
+    assert type(m.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.to_q).__name__ == "Linear"
+
+
+def test_prior_weight_zero_class_batch_has_no_effect_on_gradient(mods):
+    from personalize.nodes import training
+
+    m, c, _ = mods
+    conf = cfg(rank=4)
+    names = training.unet_layer_names(m, "attention")
+    with torch.inference_mode():
+        conds = {k: training.encode_prompt(c, p)[:2] for k, p in (("inst", PROMPTS["instance_prompt"]),
+                                                                    ("cls", PROMPTS["class_prompt"]))}
+    step, modules, params, _ = training.build_trainable(m, None, conf, names, {}, conds, {}, None)
+    with torch.no_grad():  # non-zero up weights so that every LoRA weight gets a gradient
+        for p in params[1::2]:
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
+    sigmas = m.get_model_object("model_sampling").sigmas.float()
+    g = torch.Generator().manual_seed(2)
+    inst = torch.randn(1, 4, 8, 8, generator=g)
+    cls_a, cls_b = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g) * 2
+    noise = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([300, 700])
+
+    def grads(cls, weight):
+        batch = {"x0": inst if cls is None else torch.cat([inst, cls]), "noise": noise[:1] if cls is None else noise,
+                 "t": t[:1] if cls is None else t, "n_inst": 1, "n_cls": 0 if cls is None else 1}
+        for p in params:
+            p.grad = None
+        loss, li, lp = training.dreambooth_loss(step, batch, sigmas, False, weight, "cpu")
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in params]), li.item(), None if lp is None else lp.item()
+
+    with torch.inference_mode(False), torch.enable_grad():
+        g0a, li0a, _ = grads(cls_a, 0.0)
+        g0b, li0b, _ = grads(cls_b, 0.0)
+        g_inst, li_only, _ = grads(None, 0.0)
+        g1a, _, lp1a = grads(cls_a, 1.0)
+        g1b, _, lp1b = grads(cls_b, 1.0)
+    scale = g0a.abs().max()
+    assert scale > 0
+    # weight 0: the class rows (same forward batch) change nothing, up to float summation order
+    assert torch.allclose(g0a, g0b, rtol=0, atol=1e-6 * scale) and li0a == pytest.approx(li0b, rel=1e-6)
+    assert torch.allclose(g0a, g_inst, rtol=0, atol=1e-5 * scale) and li0a == pytest.approx(li_only, rel=1e-5)
+    # weight 1: they do, and the prior term is exactly what was added
+    assert (g1a - g0a).abs().max() > 1e-2 * scale and (g1a - g1b).abs().max() > 1e-2 * scale
+    assert lp1a != pytest.approx(lp1b, rel=1e-3)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(pack, mods, photos, tmp_path):
+    import comfy.model_management as mm
+    from personalize.nodes import training
+
+    m, c, v = mods
+    conf = cfg(steps=7, checkpoint_every=3)
+    cache = str(tmp_path / "cache")
+    with torch.inference_mode():
+        full = training.train(m, c, v, photos, conf, str(tmp_path / "full.safetensors"), cache)
+
+    stop = {"at": 5}
+
+    def interrupt(step, total, *_):
+        if step == stop["at"]:
+            mm.interrupt_current_processing(True)  # the Cancel button
+
+    path = str(tmp_path / "killed.safetensors")
+    with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+        training.train(m, c, v, photos, conf, path, cache, on_step=interrupt,
+                       check_interrupt=mm.throw_exception_if_processing_interrupted)
+    mm.interrupt_current_processing(False)
+    assert not os.path.exists(path) and os.path.isfile(training.resume_path(path))
+    assert not list(tmp_path.glob(".tmp-*"))
+    with torch.inference_mode():
+        resumed = training.train(m, c, v, photos, conf, path, cache)
+    assert resumed.resumed_from == 3 and not os.path.exists(training.resume_path(path))
+    assert [s for s, *_ in resumed.losses] == list(range(1, 8))
+    for k, a in full.lora_sd.items():
+        assert torch.allclose(a, resumed.lora_sd[k], rtol=1e-5, atol=1e-7), k
+    assert max(float(a.abs().max()) for k, a in full.lora_sd.items() if k.endswith("lora_up.weight")) > 1e-4
+
+    # a resume file with other settings is refused with a clear message
+    stop["at"] = 4
+    with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+        training.train(m, c, v, photos, conf, str(tmp_path / "other.safetensors"), cache, on_step=interrupt,
+                       check_interrupt=mm.throw_exception_if_processing_interrupted)
+    mm.interrupt_current_processing(False)
+    from personalize.nodes.errors import InputError
+
+    with torch.inference_mode(), pytest.raises(InputError, match="learning_rate"):
+        training.train(m, c, v, photos, cfg(steps=7, checkpoint_every=3, learning_rate=5e-4),
+                       str(tmp_path / "other.safetensors"), cache)
+
+
+def test_torchrun_two_processes_match_one_process_with_doubled_batch(mods, tmp_path):
+    from PIL import Image
+
+    from personalize.nodes import training
+
+    m, c, v = mods  # the CLI's --random-tiny 0 builds the same three models
+    imgs = tmp_path / "photos"
+    imgs.mkdir()
+    g = torch.Generator().manual_seed(4)
+    for i in range(3):
+        arr = (torch.rand(72, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(imgs / f"{i}.png")
+    cache = tmp_path / "cache"
+    steps = 3
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "scripts.train_dreambooth", "--random-tiny", "0", "--images", str(imgs),
+           "--output-dir", str(tmp_path / "ddp"), "--class-cache", str(cache), "--save-name", "ddp",
+           "--steps", str(steps), "--resolution", "64", "--num-class-images", "2", "--class-steps", "2",
+           "--learning-rate", "1e-3", "--batch-size", "1", "--checkpoint-every", "0", "--cpu"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    # meanwhile: one process, batch 2 (same class cache key: same models, prompt, count, seed)
+    with torch.inference_mode():
+        one = training.train(m, c, v, training.load_image_dir(str(imgs)),
+                             cfg(steps=steps, batch_size=2, learning_rate=1e-3),
+                             str(tmp_path / "one.safetensors"), str(cache))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.strip().endswith("ddp.safetensors")
+    from personalize.nodes.weights_io import load
+
+    ddp, meta = load(str(tmp_path / "ddp" / "ddp.safetensors"))
+    assert meta["ss_num_processes"] == "2" and meta["ss_total_batch_size"] == "2"
+    assert set(ddp) == set(one.lora_sd)
+    def maxdiff(x, y):
+        return max(float((x[k] - y[k]).abs().max()) for k in x)
+
+    # Adam turns float summation-order noise in near-zero gradient elements into differences of a fraction of the
+    # learning rate, so the tolerance is stated against the trained weights and against a run on other data
+    trained = max(float(a.abs().max()) for k, a in one.lora_sd.items() if k.endswith("lora_up.weight"))
+    with torch.inference_mode():
+        half = training.train(m, c, v, training.load_image_dir(str(imgs)), cfg(steps=steps, batch_size=1,
+                              learning_rate=1e-3), str(tmp_path / "half.safetensors"), str(cache))
+    d_ddp, d_half = maxdiff(one.lora_sd, ddp), maxdiff(one.lora_sd, half.lora_sd)
+    assert trained > 1e-3
+    assert d_ddp < 0.02 * trained, (d_ddp, trained)
+    assert d_half > 10 * d_ddp, (d_half, d_ddp)
+
+
+def test_bad_inputs_give_clear_errors(pack, mods, photos, dirs):
+    from personalize import dreambooth_nodes as dn
+    from personalize.nodes import training
+    from personalize.nodes.errors import InputError
+    from personalize.nodes.weights_io import save_atomic
+
+    m, c, v = mods
+    with pytest.raises(InputError, match="instance_images.*at least one"):
+        run_node(dn.DreamBoothLoRATrainer, **node_inputs(mods, photos[:0]))
+    with pytest.raises(InputError, match="'rank'.*from 1.*got 0"):
+        run_node(dn.DreamBoothLoRATrainer, **node_inputs(mods, photos, rank=0))
+    with pytest.raises(InputError, match="'rank'.*1 to 32.*got 64"):
+        run_node(dn.DreamBoothLoRATrainer, **node_inputs(mods, photos, rank=64))
+    for bad in ("../evil", "a/../../evil", "/etc/evil", "..\\evil", ""):
+        with pytest.raises(InputError, match="save_name"):
+            run_node(dn.DreamBoothLoRATrainer, **node_inputs(mods, photos, save_name=bad))
+    assert not list(dirs["tmp"].rglob("*evil*"))
+    assert training.sanitize_save_name("people/sks_dog.safetensors") == "people/sks_dog"
+
+    # an SDXL model with a resume file left by an SD1.5 run under the same name (own tiny SDXL: built under one
+    # thread here, much faster than the session fixture built before this module's thread setting)
+    from scripts import models
+
+    tiny_sdxl = models.build_model("sdxl", tiny=True, seed=0)
+    save_atomic({"lora.x.lora_down.weight": torch.zeros(4, 32)}, str(dirs["loras"] / "sks_dog.resume"),
+                {"personalize.family": "sd15", "personalize.step": "3"})
+    with pytest.raises(InputError, match=r"'model'.*SD1\.5.*sks_dog\.resume.*SDXL"):
+        run_node(dn.DreamBoothLoRATrainer, **node_inputs((tiny_sdxl, c, v), photos))
+    # no class images were sampled: the error came before any heavy work
+    assert not dirs["cache"].exists()
+
+    with pytest.raises(InputError, match="'images'"):
+        training.load_image_dir(str(dirs["tmp"] / "nope"))
+
+
+def test_cli_reports_bad_input(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "scripts.train_dreambooth", "--random-tiny", "0", "--images",
+                        str(tmp_path), "--output-dir", str(tmp_path), "--save-name", "../x", "--cpu"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=""))
+    assert r.returncode == 2 and "save_name" in r.stderr, r.stderr[-2000:]
