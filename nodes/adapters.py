@@ -212,23 +212,6 @@ def load_weights(path: str, input_name: str = "weights_name") -> SubjectWeights:
 
 
 # ----------------------------------------------------------------------------------------- the UNet-side weights
-ATTN2_KV = ("to_k", "to_v")
-
-
-def attn2_key(blocks_prefix: str, key: BlockKey, which: str) -> str:
-    return f"{blocks_prefix}.1.transformer_blocks.{key.index}.attn2.{which}.weight"
-
-
-def attn2_param_names(model) -> dict[BlockKey, dict[str, str]]:
-    """diffusion_model state-dict names of every attn2 to_k / to_v weight."""
-    unet = base_model(model).diffusion_model
-    names = {}
-    for name, mod in unet.named_modules():
-        if name.endswith(".attn2"):
-            names[name] = {w: f"{name}.{w}.weight" for w in ATTN2_KV}
-    return names
-
-
 def apply_unet(model, weights: SubjectWeights):
     """Clone of ``model`` with the trained conv_in (object patch) and attn2 k/v ('set' weight patches)."""
     from .location import expand_model

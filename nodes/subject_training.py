@@ -267,7 +267,7 @@ class SubjectTrainer:
             for p in params:
                 p.requires_grad_(True)
             self.params = params
-            self.opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+            self.opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0, foreach=True)
         self.unet.train(False)
         self.text.train(False)
         self.index = {BlockKey(b[0], b[1], b[2]): i for i, b in enumerate(weights.config["blocks"])}
@@ -394,7 +394,7 @@ class SubjectTrainer:
             for g in self.opt.param_groups:
                 g["lr"] = self.lr * scale
             self.opt.step()
-        return {"loss": float(loss), "mse": float(mse), "attn": float(attn)}
+        return {"loss": float(loss.detach()), "mse": float(mse.detach()), "attn": float(attn.detach())}
 
     def train(self, steps: int, callback=None) -> list[dict]:
         log = []

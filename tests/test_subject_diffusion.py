@@ -6,7 +6,6 @@ width); no weights are downloaded.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -58,7 +57,18 @@ def expanded(tiny_sd15):
 
 @pytest.fixture(scope="module")
 def zero_weights(expanded, clip_vision):
-    return run_node(sdn.SubjectDiffusionInitWeights, model=expanded, clip_vision=clip_vision, seed=0)[0]
+    """Zero-init parts with a narrow hidden width (64 instead of the paper's 1024) to keep CPU tests fast."""
+    width, tokens, embed = ad.vision_dims(clip_vision)
+    return ad.init_weights(expanded, width, tokens, embed, hidden=64, seed=0)
+
+
+def test_zero_init_weights_node(expanded, clip_vision):
+    w = run_node(sdn.SubjectDiffusionInitWeights, model=expanded, clip_vision=clip_vision, seed=0)[0]
+    cfg = w.config
+    assert (cfg["vision_width"], cfg["vision_tokens"], cfg["embed_dim"], cfg["hidden"]) == (32, 256, 24, 1024)
+    assert cfg["text_width"] == 768 and len(cfg["blocks"]) == 16 and not w.trained
+    assert all(float(a.alpha_attn) == 0.0 and float(a.alpha_dense) == 0.0 for a in w.modules.adapters)
+    assert torch.count_nonzero(w.modules.grounding.null_image) == 0
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +111,8 @@ def test_expansion_zero_channel_and_identical_output(tiny_sd15, expanded):
     assert torch.equal(new_conv.bias, base_conv.bias)
     assert loc.input_channels(tiny_sd15) == 4 and loc.input_channels(expanded) == 5
     pos, neg = conds()
-    ref = sample(tiny_sd15, pos, neg, cfg=5.0)
-    out = sample(with_location(expanded), pos, neg, cfg=5.0)
+    ref = sample(tiny_sd15, pos, neg, cfg=5.0, steps=2)
+    out = sample(with_location(expanded), pos, neg, cfg=5.0, steps=2)
     # the 5-channel conv sums one more (zero) term: equal up to float reassociation
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # ... and the zero channel is what makes it so: a non-zero location weight changes the output
@@ -111,7 +121,7 @@ def test_expansion_zero_channel_and_identical_output(tiny_sd15, expanded):
     with torch.no_grad():
         conv2.weight[:, 4] = 0.5
     bumped.add_object_patch(loc.CONV_IN, conv2)
-    assert not torch.allclose(sample(with_location(bumped), pos, neg, cfg=5.0), ref, atol=1e-3)
+    assert not torch.allclose(sample(with_location(bumped), pos, neg, cfg=5.0, steps=2), ref, atol=1e-3)
     with pytest.raises(InputError, match="not yet expanded"):
         run_node(sdn.ExpandInputChannels, model=expanded)
 
@@ -161,8 +171,8 @@ def test_location_channel_reaches_every_unet_call_including_cfg_rows(expanded, u
     m = m.clone()
     m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test_spy", spy)
     pos, neg = conds()
-    sample(m, pos, neg, steps=3, cfg=5.0)
-    assert len(seen) == 3
+    sample(m, pos, neg, steps=2, cfg=5.0)
+    assert len(seen) == 2
     for x, cou in seen:
         assert x.shape[1] == 5 and sorted(cou) == [0, 1]                # both CFG branches in the call
         chunk = x.shape[0] // len(cou)
@@ -196,12 +206,10 @@ def test_zero_init_adapters_identical_and_trained_gates_change_output(expanded, 
     adapted = run_node(sdn.SubjectAdapter, model=base, weights=zero_weights, clip_vision=clip_vision, image=img)[0]
     patch = adapted.model_options["transformer_options"]["patches"]["middle_patch"][-1]
     assert isinstance(patch, ad.AdapterPatch) and len(patch.index) == 16
-    assert patch.objs.shape == (1, 256, ad.HIDDEN)
+    assert patch.objs.shape == (1, 256, zero_weights.config["hidden"])
     pos, neg = conds()
-    ref = sample(base, pos, neg)
+    ref = sample(base, pos, neg, steps=2)
     calls = []
-    import comfy.patcher_extension as pe  # noqa: F401
-
     orig = ad.gated
 
     def counting(*a, **k):
@@ -210,10 +218,10 @@ def test_zero_init_adapters_identical_and_trained_gates_change_output(expanded, 
 
     ad.gated = counting
     try:
-        out = sample(adapted, pos, neg)
+        out = sample(adapted, pos, neg, steps=2)
     finally:
         ad.gated = orig
-    assert len(calls) == 16 * 3                          # every block, every step (cond+uncond in one call)
+    assert len(calls) == 16 * 2                          # every block, every step (cond+uncond in one call)
     assert torch.equal(out, ref)                         # bit-exact: tanh(0) = 0
     # open the gates on a copy of the weights: now the adapters act
     import copy
@@ -225,11 +233,11 @@ def test_zero_init_adapters_identical_and_trained_gates_change_output(expanded, 
             a.alpha_dense.fill_(0.5)
     opened = ad.SubjectWeights(zero_weights.config, mods, {}, True, 1)
     adapted2 = run_node(sdn.SubjectAdapter, model=base, weights=opened, clip_vision=clip_vision, image=img)[0]
-    assert not torch.allclose(sample(adapted2, pos, neg), ref, atol=1e-4)
+    assert not torch.allclose(sample(adapted2, pos, neg, steps=2), ref, atol=1e-4)
     # strength 0 = unpatched, bit-exact
     off = run_node(sdn.SubjectAdapter, model=base, weights=opened, clip_vision=clip_vision, image=img,
                    strength=0.0)[0]
-    assert torch.equal(sample(off, pos, neg), ref)
+    assert torch.equal(sample(off, pos, neg, steps=2), ref)
 
 
 def test_grounding_fourier_and_null_objects(zero_weights):
@@ -243,7 +251,7 @@ def test_grounding_fourier_and_null_objects(zero_weights):
     cfg = zero_weights.config
     tokens = torch.randn(2, cfg["vision_tokens"], cfg["vision_width"])
     objs, null = ad.adapter_tokens(zero_weights, tokens, torch.rand(2, 4), use_bbox=False)
-    assert objs.shape == null.shape == (1, 2 * cfg["vision_tokens"], ad.HIDDEN)
+    assert objs.shape == null.shape == (1, 2 * cfg["vision_tokens"], cfg["hidden"])
     assert not torch.allclose(objs, null)
     # null objects do not depend on the reference
     _, null2 = ad.adapter_tokens(zero_weights, torch.randn_like(tokens), torch.rand(2, 4), use_bbox=False)
@@ -307,8 +315,7 @@ def training_examples():
     g = torch.Generator().manual_seed(5)
     imgs = torch.rand(2, 64, 64, 3, generator=g)
     m = square_masks(2)
-    return [st.Example(imgs[0], m, "a photo on the grass", ["dog", "cat"]),
-            st.Example(imgs[1], m.flip(-1), "a photo in a room", ["dog", "cat"])]
+    return [st.Example(imgs[0], m, "a photo on the grass", ["dog", "cat"])]
 
 
 @pytest.fixture(scope="module")
@@ -322,10 +329,6 @@ def test_attention_control_loss_matches_direct_computation(trainer):
     assert sorted((k.name, k.id) for k in keys) == sorted(
         [("input", 4), ("input", 5), ("input", 7), ("input", 8), ("middle", 0)] + [("output", i) for i in range(3, 9)])
     # capture q and k of every selected attn2 and recompute the balanced L1 in float64 with explicit loops
-    from personalize.nodes.introspect import attention_module
-
-    class Holder:
-        model = None
     cap = {}
     hooks = []
     unet = trainer.unet
@@ -371,13 +374,13 @@ def test_training_steps_lower_the_loss_and_save_load_round_trip(trainer, expande
     import folder_paths
 
     before = trainer.evaluate()
-    log = trainer.train(8)
+    log = trainer.train(6)
     after = trainer.evaluate()
     tb = before[0] + 0.01 * before[1]
     ta = after[0] + 0.01 * after[1]
     assert ta < tb, (before, after, log)
     res = trainer.result()
-    assert res.trained and res.steps == 8
+    assert res.trained and res.steps == 6
     assert set(res.unet) >= {"input_blocks.0.0.weight", "input_blocks.0.0.bias"}
     assert sum(1 for k in res.unet if ".attn2.to_k." in k) == 16 and sum(1 for k in res.unet if ".attn2.to_v." in k) == 16
     assert any(float(a.alpha_attn) != 0.0 for a in res.modules.adapters)      # gates moved
@@ -394,7 +397,7 @@ def test_training_steps_lower_the_loss_and_save_load_round_trip(trainer, expande
         model2, w2 = run_node(sdn.SubjectDiffusionLoader, model=expanded, weights_name="trained.safetensors")
     finally:
         paths_.remove(str(tmp_path))
-    assert w2.trained and w2.steps == 8
+    assert w2.trained and w2.steps == 6
     for (k1, v1), (k2, v2) in zip(sorted(res.state_dict().items()), sorted(w2.state_dict().items())):
         assert k1 == k2 and torch.equal(v1, v2)
     assert torch.equal(model2.get_model_object(loc.CONV_IN).weight, res.unet["input_blocks.0.0.weight"])
@@ -407,7 +410,7 @@ def test_training_steps_lower_the_loss_and_save_load_round_trip(trainer, expande
     assert not torch.allclose(cond[0][0], plain)
     # trained model samples with location + adapters
     m = with_location(run_node(sdn.SubjectAdapter, model=model2, weights=w2, clip_vision=clip_vision, image=img)[0])
-    out = sample(m, cond, models.random_conditioning("sd15", seed=9), steps=2)
+    out = sample(m, cond, models.random_conditioning("sd15", seed=9), steps=1)
     assert torch.isfinite(out).all()
 
 
@@ -430,14 +433,14 @@ def test_trainer_bad_inputs(expanded, clip, vae, clip_vision, zero_weights):
 # ------------------------------------------------------------------------------------------ parent unchanged
 def test_parent_model_unchanged(tiny_sd15, expanded, zero_weights, clip_vision):
     pos, neg = conds(3)
-    before = sample(tiny_sd15, pos, neg)
+    before = sample(tiny_sd15, pos, neg, steps=2)
     opts_before = repr(sorted(tiny_sd15.model_options.get("transformer_options", {}).keys()))
     exp2 = run_node(sdn.ExpandInputChannels, model=tiny_sd15)[0]
     m = with_location(exp2)
     m = run_node(sdn.SubjectAdapter, model=m, weights=zero_weights, clip_vision=clip_vision,
                  image=torch.rand(1, 64, 64, 3))[0]
-    sample(m, pos, neg)
-    after = sample(tiny_sd15, pos, neg)
+    sample(m, pos, neg, steps=2)
+    after = sample(tiny_sd15, pos, neg, steps=2)
     assert torch.equal(before, after)
     assert tiny_sd15.object_patches == {} and not tiny_sd15.wrappers.get("apply_model")
     assert repr(sorted(tiny_sd15.model_options.get("transformer_options", {}).keys())) == opts_before
@@ -483,5 +486,15 @@ def test_example_workflow_converts_and_runs_without_trained_weights(tiny_sd15, c
     lat = {"samples": torch.zeros(1, 4, el["height"] // 8, el["width"] // 8)}
     li = src["inputs"]
     m = run_node(sdn.LocationMaskConcat, model=exp, latent=lat, boxes=li["boxes"], uncond_mask=li["uncond_mask"])[0]
-    out = sample(m, *conds(), steps=2, size=tuple(lat["samples"].shape[-2:]))
+    assert loc.find_location(m).channel.shape[-2:] == lat["samples"].shape[-2:]
+    out = sample(m, *conds(), steps=1)       # sampled at 8x8: the channel is resized (nearest) to the call's grid
     assert torch.isfinite(out).all()
+
+
+def test_cli_trains_and_saves_loadable_weights(tmp_path):
+    from scripts import train_subject_diffusion as cli
+
+    out = tmp_path / "cli.safetensors"
+    assert cli.main(["--random-tiny", "--steps", "1", "--warmup", "0", "--out", str(out)]) == 0
+    w = ad.load_weights(str(out))
+    assert w.trained and w.steps == 1 and w.unet["input_blocks.0.0.weight"].shape[1] == 5
