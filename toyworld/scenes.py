@@ -161,6 +161,12 @@ def _make_subjects() -> tuple[Subject, ...]:
 SUBJECTS: tuple[Subject, ...] = _make_subjects()   # 12 held-out subjects, 2 per class
 
 
+def restage(scene: Scene, rng: np.random.Generator, background: str | None = None) -> Scene:
+    """The same instance (class, colour, pattern, emblem) at a new position/scale/rotation on a new background."""
+    new = sample_scene(rng, emblem=scene.emblem, cls=scene.cls, background=background)
+    return dataclasses.replace(new, color=scene.color, pattern=scene.pattern)
+
+
 def subject_scene(subject: Subject, rng: np.random.Generator, background: str | None = None) -> Scene:
     return sample_scene(rng, emblem=subject.emblem, cls=subject.cls, background=background)
 

@@ -1,0 +1,191 @@
+"""Toy DreamBench: subject fidelity / prompt fidelity / seconds per image for each personalization method of the pack,
+on the toy world's trained model, with fixed seeds. Offline, CPU is enough.
+
+    .venv/bin/python scripts/bench_quality.py            # 12 subjects x 10 prompts x 2 seeds
+    .venv/bin/python scripts/bench_quality.py --quick    # 4 subjects x 10 prompts x 1 seed
+    .venv/bin/python scripts/bench_quality.py --save-grid out.png   # also a grid of generations to look at
+
+Rows:
+- real renders (ceiling): the subject drawn by the renderer as each prompt asks (like DreamBench's real-image row);
+- real renders, other subject of the same class: the subject-fidelity level of a right-class wrong-instance image;
+- no personalization (class prompt): the floor, 'a photo of a ball on the beach';
+- no personalization (token prompt): 'a photo of a sks ball on the beach' on the untouched model;
+- BootPIG reference attention: PersonalizeBootPIGReferenceEncoder (the base model as reference UNet, references with
+  their masks) + PersonalizeBootPIGRSAPatch with the paper's defaults, class prompt;
+- further methods of the pack join when their nodes exist and need no extra training data (see METHODS).
+
+Subject fidelity = mean cosine similarity of the instance embedder between each image and the subject's reference
+renders (DreamBench's DINO protocol); prompt fidelity = mean of the class and background classifiers' accuracy
+against the prompt (stands for CLIP-T). Scorers: toyworld/scorers.py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from scripts import host  # noqa: E402
+
+host.bootstrap()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import personalize  # noqa: E402,F401  (the pack, through the import root: registers its nodes)
+from personalize.toyworld import model as tw_model  # noqa: E402
+from personalize.toyworld import scenes  # noqa: E402
+from personalize.toyworld.scorers import Scorers  # noqa: E402
+
+STEPS, CFG, SAMPLER, SCHEDULER = 20, 5.0, "euler", "normal"
+
+
+def encode(clip, text):
+    import nodes
+
+    return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def generate(model, clip, vae, prompt, seed, n):
+    import nodes
+
+    pos, neg = encode(clip, prompt), encode(clip, "")
+    latent = {"samples": torch.zeros(n, 4, tw_model.LATENT_SIZE, tw_model.LATENT_SIZE)}
+    out = nodes.common_ksampler(model, seed, STEPS, CFG, SAMPLER, SCHEDULER, pos, neg, latent, denoise=1.0)[0]
+    return nodes.VAEDecode().decode(vae, out)[0].float().clamp(0, 1)
+
+
+class Method:
+    name = ""
+    uses_token = False
+
+    def prepare(self, model, clip, vae, subject, refs):
+        return model
+
+    def available(self):
+        return True
+
+
+class NoPersonalization(Method):
+    name = "no personalization (class prompt)"
+
+
+class TokenOnly(Method):
+    name = "no personalization (token prompt)"
+    uses_token = True
+
+
+class BootPIGReferenceAttention(Method):
+    name = "BootPIG reference attention (no BootPIG training)"
+
+    def available(self):
+        return "PersonalizeBootPIGRSAPatch" in personalize.NODE_CLASS_MAPPINGS
+
+    def prepare(self, model, clip, vae, subject, refs):
+        enc = personalize.NODE_CLASS_MAPPINGS["PersonalizeBootPIGReferenceEncoder"]()
+        rsa = personalize.NODE_CLASS_MAPPINGS["PersonalizeBootPIGRSAPatch"]()
+        imgs = torch.from_numpy(np.stack([r[0] for r in refs]))
+        masks = torch.from_numpy(np.stack([r[1] for r in refs]))
+        ref = enc.encode(model, vae, imgs, mask=masks, resolution=tw_model.IMAGE_SIZE, seed=0)[0]
+        return rsa.patch(model, ref)[0]
+
+
+METHODS = [NoPersonalization(), TokenOnly(), BootPIGReferenceAttention()]
+
+
+def real_renders(subject, prompts, seeds):
+    """The subject drawn as each prompt asks: the ceiling."""
+    out = []
+    for k, p in enumerate(prompts):
+        for s in range(seeds):
+            rng = np.random.default_rng([0xCE1, scenes.SUBJECTS.index(subject), k, s])
+            sc = scenes.subject_scene(subject, rng, background=p["background"])
+            size = "small" if "small" in p["prompt"] else "big" if " big " in p["prompt"] else ""
+            if size:
+                sc = sc.__class__(**{**sc.__dict__, "scale": 0.32 if size == "small" else 0.58})
+            out.append(scenes.render(sc)[0])
+    return torch.from_numpy(np.stack(out))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="4 subjects x 10 prompts x 1 seed")
+    ap.add_argument("--subjects", type=int, default=None)
+    ap.add_argument("--seeds", type=int, default=None, help="images per prompt")
+    ap.add_argument("--save-grid", default=None, help="write a PNG grid (one row per method, first subject)")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    n_subj = a.subjects or (4 if a.quick else len(scenes.SUBJECTS))
+    seeds = a.seeds or (1 if a.quick else 2)
+    subjects = [scenes.SUBJECTS[i * len(scenes.SUBJECTS) // n_subj] for i in range(n_subj)]
+    sc = Scorers()
+    model, clip, vae = tw_model.load()
+    rows, grid = [], []
+
+    def score(name, per_subject_images, secs):
+        sf, pc, pb = [], [], []
+        for subj, imgs in per_subject_images:
+            refs = torch.from_numpy(np.stack([r[0] for r in scenes.subject_references(subj)]))
+            prompts = scenes.dreambench_prompts(subj)
+            sf.append(sc.subject_fidelity(imgs, refs))
+            pf = sc.prompt_fidelity(imgs, [p["cls"] for p in prompts for _ in range(seeds)],
+                                    [p["background"] for p in prompts for _ in range(seeds)])
+            pc.append(pf["class"])
+            pb.append(pf["background"])
+        row = {"method": name, "subject": float(np.mean(sf)), "class": float(np.mean(pc)),
+               "background": float(np.mean(pb)), "s_per_image": secs}
+        row["prompt"] = (row["class"] + row["background"]) / 2
+        rows.append(row)
+        print(f"{name:55s} subject {row['subject']:.3f}  prompt {row['prompt']:.3f} (class {row['class']:.2f}, "
+              f"background {row['background']:.2f})  {'' if secs is None else f'{secs:.3f} s/img'}", flush=True)
+
+    real = [(s, real_renders(s, scenes.dreambench_prompts(s), seeds)) for s in subjects]
+    score("real renders (ceiling)", real, None)
+    other = []
+    for s in subjects:
+        twin = next(t for t in scenes.SUBJECTS if t.cls == s.cls and t != s)
+        other.append((s, real_renders(twin, scenes.dreambench_prompts(s), seeds)))
+    score("real renders of another subject of the class", other, None)
+    grid.append(("real", real[0][1]))
+    for m in METHODS:
+        if not m.available():
+            continue
+        t0, n_img, per = time.time(), 0, []
+        for s in subjects:
+            refs = scenes.subject_references(s)
+            with torch.inference_mode():
+                mm = m.prepare(model, clip, vae, s, refs)
+                imgs = []
+                for k, p in enumerate(scenes.dreambench_prompts(s)):
+                    seed = 1000 * scenes.SUBJECTS.index(s) + k
+                    imgs.append(generate(mm, clip, vae, p["prompt"] if m.uses_token else p["class_prompt"], seed, seeds))
+            imgs = torch.cat(imgs)
+            n_img += imgs.shape[0]
+            per.append((s, imgs))
+        score(m.name, per, (time.time() - t0) / n_img)
+        grid.append((m.name, per[0][1]))
+    print()
+    print(f"Toy DreamBench: {n_subj} subjects x 10 prompts x {seeds} seed(s), {STEPS} {SAMPLER} steps, cfg {CFG}, "
+          f"64x64, {torch.get_num_threads()} CPU threads")
+    print()
+    print("| method | subject fidelity (embedder cos) | prompt fidelity | class acc | background acc | s / image |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        secs = "-" if r["s_per_image"] is None else f"{r['s_per_image']:.3f}"
+        print(f"| {r['method']} | {r['subject']:.3f} | {r['prompt']:.3f} | {r['class']:.2f} | {r['background']:.2f} "
+              f"| {secs} |")
+    if a.save_grid:
+        from PIL import Image
+
+        g = torch.cat([torch.cat(list(im[:10]), dim=1) for _, im in grid], dim=0)
+        Image.fromarray((g.numpy() * 255).astype(np.uint8)).resize((g.shape[1] * 2, g.shape[0] * 2),
+                                                                    Image.NEAREST).save(a.save_grid)
+        print("grid:", a.save_grid, "rows:", [n for n, _ in grid])
+    return rows
+
+
+if __name__ == "__main__":
+    main()

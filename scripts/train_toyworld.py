@@ -1,0 +1,268 @@
+"""Train the toy world's model and scorers (CPU is enough; a GPU is used when there is one).
+
+    .venv/bin/python scripts/train_toyworld.py vae      # TAESD-architecture VAE on toy renders
+    .venv/bin/python scripts/train_toyworld.py unet     # the SD1.5-family UNet on VAE latents of base renders
+    .venv/bin/python scripts/train_toyworld.py scorers  # class/background classifier + instance embedder
+
+Each stage reads its recipe from CONFIG below (override with --steps / --minutes), writes
+weights/toyworld/<stage>.safetensors (fp16, atomically) with the recipe in the file's metadata.
+Every image is drawn procedurally from a seed (toyworld/scenes.py): nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from scripts import host  # noqa: E402
+
+host.bootstrap()
+sys.path.append(str(REPO))   # after ComfyUI: top-level `toyworld` (ComfyUI's own `nodes` stays first)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from toyworld import model as tw_model  # noqa: E402
+from toyworld import scenes  # noqa: E402
+
+CONFIG = {
+    "vae": {"steps": 800, "batch": 12, "crop": 32, "lr": 1e-3, "lr_end": 1e-4, "p_emblem": 0.3,
+            "latent_noise": 0.1, "reg": 0.01, "seed": 1},
+    "unet": {"steps": 1500, "batch": 64, "lr": 4e-4, "lr_end": 4e-5, "n_images": 4000, "p_uncond": 0.1,
+             "seed": 2},
+    "scorers": {"steps": 700, "batch": 48, "lr": 2e-3, "lr_end": 1e-4, "temperature": 0.1, "seed": 3},
+}
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def lr_at(cfg, step, steps):
+    return cfg["lr_end"] + 0.5 * (cfg["lr"] - cfg["lr_end"]) * (1 + math.cos(math.pi * min(step / steps, 1.0)))
+
+
+def save(tensors, name, meta):
+    from safetensors.torch import save_file
+
+    out = Path(tw_model.WEIGHTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{name}.tmp"
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()})
+    os.replace(tmp, out / name)
+    log("saved", out / name, f"{(out / name).stat().st_size / 1e6:.2f} MB")
+
+
+def to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float()
+
+
+def render_mixed(rng, n, p_emblem):
+    imgs = []
+    for _ in range(n):
+        emb = scenes.random_emblem(rng) if rng.random() < p_emblem else None
+        imgs.append(scenes.render(scenes.sample_scene(rng, emblem=emb))[0])
+    return np.stack(imgs)
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+
+def train_vae(cfg, steps, minutes):
+    torch.manual_seed(cfg["seed"])
+    rng = np.random.default_rng(cfg["seed"])
+    net = tw_model.new_taesd()
+    from scripts.models import init_random_
+
+    init_random_(net.taesd_encoder, cfg["seed"])
+    init_random_(net.taesd_decoder, cfg["seed"] + 1)
+    from comfy.taesd.taesd import Block
+
+    with torch.no_grad():   # zero-init each residual branch's last conv: every Block starts as identity (trainable
+        for mod in net.modules():   # depth without normalization layers, much faster convergence from scratch)
+            if isinstance(mod, Block):
+                mod.conv[-1].weight.zero_()
+                mod.conv[-1].bias.zero_()
+    params = list(net.taesd_encoder.parameters()) + list(net.taesd_decoder.parameters())
+    opt = torch.optim.Adam(params, lr=cfg["lr"])
+    t0, step = time.time(), 0
+    while step < steps and time.time() - t0 < minutes * 60:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step, steps)
+        x = to_tensor(render_mixed(rng, cfg["batch"], cfg["p_emblem"]))
+        if cfg["crop"] < x.shape[-1]:   # fully convolutional: train on random crops (latent-aligned), 4x cheaper
+            c = cfg["crop"]
+            oy, ox = (int(v) * 8 for v in rng.integers(0, (x.shape[-1] - c) // 8 + 1, 2))
+            x = x[..., oy:oy + c, ox:ox + c]
+        e = net.taesd_encoder(x)                                   # what the UNet sees (x0.18215 cancels vae_scale)
+        z = e + cfg["latent_noise"] * torch.randn_like(e)
+        y = net.taesd_decoder(z)
+        rec = (y - x).abs().mean() + F.mse_loss(y, x)
+        mu, var = e.mean(dim=(0, 2, 3)), e.var(dim=(0, 2, 3))
+        reg = (mu ** 2).mean() + ((var - 1) ** 2).mean()
+        loss = rec + cfg["reg"] * reg
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 25 == 0:
+            log(f"vae step {step} rec {rec.item():.4f} reg {reg.item():.3f} std {var.mean().sqrt().item():.2f}")
+        step += 1
+    sd = {k: v for k, v in net.state_dict().items()}
+    save(sd, "vae.safetensors", {"stage": "vae", "config": cfg, "steps_done": step,
+                                 "minutes": round((time.time() - t0) / 60, 1)})
+
+
+# ------------------------------------------------------------------------------------------------ UNet
+
+def _alphas_cumprod(bm):
+    sig = bm.model_sampling.sigmas.double()
+    return (1.0 / (1.0 + sig ** 2)).float()
+
+
+def train_unet(cfg, steps, minutes):
+    from safetensors.torch import load_file
+
+    from scripts.models import init_random_
+
+    torch.manual_seed(cfg["seed"])
+    rng = np.random.default_rng(cfg["seed"])
+    vae_sd = load_file(os.path.join(tw_model.WEIGHTS_DIR, "vae.safetensors"))
+    enc = tw_model.new_taesd()
+    enc.load_state_dict({k: v.float() for k, v in vae_sd.items()})
+    enc.eval()
+    log("rendering + encoding", cfg["n_images"], "base images")
+    lat, caps_scenes = [], []
+    with torch.no_grad():
+        for s0 in range(0, cfg["n_images"], 256):
+            imgs, _, _, sc = scenes.batch(range(s0, min(s0 + 256, cfg["n_images"])))
+            lat.append(enc.taesd_encoder(to_tensor(imgs)))
+            caps_scenes += sc
+    lat = torch.cat(lat)
+    # calibrate the VAE so that the SD1.5 latent format (x0.18215) hands the UNet zero-mean unit-std latents:
+    # encode() = e / vae_scale + vae_shift, decode(x) = decoder((x - vae_shift) * vae_scale)
+    mu, sd = lat.mean().item(), lat.std().item()
+    vae_sd["vae_scale"] = torch.tensor(tw_model.VAE_SCALE * sd)
+    vae_sd["vae_shift"] = torch.tensor(-mu / (tw_model.VAE_SCALE * sd))
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(tw_model.WEIGHTS_DIR, "vae.safetensors"), "pt") as f:
+        meta = dict(f.metadata() or {})
+    meta["calibrated"] = json.dumps({"mean": mu, "std": sd})
+    save(vae_sd, "vae.safetensors", meta)
+    lat = (lat - mu) / sd
+    log("latents", tuple(lat.shape), "raw mean", mu, "std", sd, "-> unit")
+    clip = tw_model.build_clip()
+    bm = tw_model.model_config().get_model({})
+    unet = bm.diffusion_model
+    init_random_(unet, cfg["seed"])
+    with torch.no_grad():   # zero-init the output conv: start as a "predict 0" model (stable early training)
+        unet.out[-1].weight.zero_()
+        unet.out[-1].bias.zero_()
+    acp = _alphas_cumprod(bm)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    t0, step, ema = time.time(), 0, None
+    unet.train()
+    while step < steps and time.time() - t0 < minutes * 60:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step, steps)
+        idx = rng.integers(0, len(lat), cfg["batch"])
+        x0 = lat[idx]
+        flip = torch.from_numpy(rng.random(cfg["batch"]) < 0.0)  # no flips: captions carry no side
+        caps = ["" if rng.random() < cfg["p_uncond"] else scenes.random_caption(caps_scenes[i], rng) for i in idx]
+        with torch.no_grad():
+            ctx = torch.cat([clip.encode_from_tokens(clip.tokenize(c)) for c in caps])
+        t = torch.from_numpy(rng.integers(0, 1000, cfg["batch"]))
+        a = acp[t].view(-1, 1, 1, 1)
+        eps = torch.randn_like(x0)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        pred = unet(xt, t.float(), context=ctx)
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 25 == 0:
+            log(f"unet step {step} loss {ema:.4f} ({time.time() - t0:.0f}s)")
+        if step % 300 == 299:
+            save(unet.state_dict(), "unet.safetensors", {"stage": "unet", "config": cfg, "steps_done": step + 1})
+        step += 1
+        del flip
+    save(unet.state_dict(), "unet.safetensors", {"stage": "unet", "config": cfg, "steps_done": step,
+                                                  "minutes": round((time.time() - t0) / 60, 1)})
+
+
+# ------------------------------------------------------------------------------------------------ scorers
+
+def train_scorers(cfg, steps, minutes):
+    from toyworld import scorers
+
+    torch.manual_seed(cfg["seed"])
+    rng = np.random.default_rng(cfg["seed"])
+    cls_net, emb_net = scorers.ClassBgNet(), scorers.InstanceNet()
+    opt = torch.optim.AdamW(list(cls_net.parameters()) + list(emb_net.parameters()), lr=cfg["lr"], weight_decay=1e-4)
+    t0, step = time.time(), 0
+    B = cfg["batch"]
+    while step < steps and time.time() - t0 < minutes * 60:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step, steps)
+        # classifier batch: base + emblem scenes
+        sc = [scenes.sample_scene(rng, emblem=scenes.random_emblem(rng) if rng.random() < 0.3 else None)
+              for _ in range(B)]
+        x = scorers.augment(to_tensor(np.stack([scenes.render(s)[0] for s in sc])), rng)
+        yc = torch.tensor([scenes.CLASSES.index(s.cls) for s in sc])
+        yb = torch.tensor([list(scenes.BACKGROUNDS).index(s.background) for s in sc])
+        lc, lb = cls_net(x)
+        loss_c = F.cross_entropy(lc, yc) + F.cross_entropy(lb, yb)
+        # contrastive batch: B/2 instances x 2 views (different pose / scale / background)
+        views = []
+        for _ in range(B // 2):
+            inst = scenes.sample_scene(rng, emblem=scenes.random_emblem(rng) if rng.random() < 0.7 else None)
+            for _v in range(2):
+                views.append(scenes.render(scenes.restage(inst, rng))[0])
+        z = emb_net(scorers.augment(to_tensor(np.stack(views)), rng))
+        sim = z @ z.t() / cfg["temperature"]
+        sim.fill_diagonal_(-1e4)
+        target = torch.arange(B) ^ 1
+        loss_e = F.cross_entropy(sim, target)
+        loss = loss_c + loss_e
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 25 == 0:
+            acc_c = (lc.argmax(1) == yc).float().mean().item()
+            acc_b = (lb.argmax(1) == yb).float().mean().item()
+            acc_e = (sim.argmax(1) == target).float().mean().item()
+            log(f"scorers step {step} cls {loss_c.item():.3f} (acc c {acc_c:.2f} b {acc_b:.2f}) "
+                f"nce {loss_e.item():.3f} (top1 {acc_e:.2f})")
+        step += 1
+    sd = {f"classifier.{k}": v for k, v in cls_net.state_dict().items()}
+    sd.update({f"embedder.{k}": v for k, v in emb_net.state_dict().items()})
+    save(sd, "scorers.safetensors", {"stage": "scorers", "config": cfg, "steps_done": step,
+                                     "minutes": round((time.time() - t0) / 60, 1)})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=list(CONFIG))
+    ap.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    ap.add_argument("--minutes", type=float, default=1e9, help="stop (and save) after this much wall time")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    cfg = dict(CONFIG[a.stage])
+    steps = a.steps or cfg["steps"]
+    cfg["steps"] = steps
+    log("stage", a.stage, json.dumps(cfg))
+    {"vae": train_vae, "unet": train_unet, "scorers": train_scorers}[a.stage](cfg, steps, a.minutes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Toy world: deterministic scene generator, the loader's real ComfyUI objects through stock nodes, the scorers'
+separation on real renders, and the trained model's prompts recognizable by the scorers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_node, sample
+
+from personalize import toy_world_nodes
+from personalize.nodes import introspect
+from personalize.toyworld import model as tw_model
+from personalize.toyworld import scenes
+
+TRAINED = tw_model.weights_present()
+
+
+# ------------------------------------------------------------------------------------------------ generator
+
+def test_generator_is_deterministic_from_a_seed():
+    a_img, a_mask, a_cap, a_sc = scenes.base_example(123)
+    b_img, b_mask, b_cap, b_sc = scenes.base_example(123)
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_mask, b_mask) and a_cap == b_cap and a_sc == b_sc
+    c_img, _, _, c_sc = scenes.base_example(124)
+    assert c_sc != a_sc and np.abs(c_img - a_img).mean() > 0.02
+    assert a_img.shape == (64, 64, 3) and a_img.dtype == np.float32 and 0 <= a_img.min() and a_img.max() <= 1
+    assert 0.02 < a_mask.mean() < 0.6                      # the subject is drawn, not the whole frame
+    r1 = [x[0] for x in scenes.subject_references(scenes.SUBJECTS[3])]
+    r2 = [x[0] for x in scenes.subject_references(scenes.SUBJECTS[3])]
+    assert all(np.array_equal(p, q) for p, q in zip(r1, r2))
+
+
+def test_caption_grammar_and_held_out_subjects():
+    sc = scenes.Scene("ball", "beach", color="red", pattern="striped")
+    assert scenes.caption(sc) == "a photo of a red striped ball on the beach"
+    assert len(scenes.CLASSES) >= 6 and len(scenes.BACKGROUNDS) >= 6
+    # base training never draws an emblem; held-out emblems are unique and never produced by random_emblem
+    assert all(scenes.base_example(s)[3].emblem is None for s in range(200))
+    held = {s.emblem for s in scenes.SUBJECTS}
+    assert len(held) == len(scenes.SUBJECTS) >= 10
+    rng = np.random.default_rng(0)
+    assert not any(scenes.random_emblem(rng) in held for _ in range(2000))
+    for s in scenes.SUBJECTS:
+        refs = scenes.subject_references(s, 4)
+        assert len(refs) == 4 and len({r[2].background for r in refs}) >= 3
+        prompts = scenes.dreambench_prompts(s)
+        assert len(prompts) == 10 and all(scenes.SUBJECT_TOKEN in p["prompt"] and s.cls in p["class_prompt"]
+                                          for p in prompts)
+        assert {p["background"] for p in prompts} == set(scenes.BACKGROUNDS)
+
+
+# ------------------------------------------------------------------------------------------------ model / loader
+
+def _encode(clip, text):
+    import nodes
+
+    return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    source = "trained" if TRAINED else "random (untrained)"
+    return run_node(toy_world_nodes.ToyWorldLoader, source=source)
+
+
+def test_loader_objects_are_real_comfy_objects_sd15_family(toy):
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.sd
+
+    model, clip, vae = toy
+    assert isinstance(model, comfy.model_patcher.ModelPatcher) and type(model.model) is comfy.model_base.BaseModel
+    assert isinstance(clip, comfy.sd.CLIP) and isinstance(vae, comfy.sd.VAE)
+    assert introspect.family(model) == "sd15" and len(introspect.transformer_blocks(model)) == 16
+    n = sum(p.numel() for p in model.model.diffusion_model.parameters())
+    assert n < 6e6
+
+
+def test_bag_of_words_text_encoder_matches_its_definition(toy):
+    _, clip, _ = toy
+    text = "a photo of a red striped ball on the beach"
+    cond = _encode(clip, text)[0][0]
+    ids = torch.tensor([t[0] for t in clip.tokenize(text)["l"][0]])
+    ref = torch.nn.functional.layer_norm(tw_model.token_table()[ids], (768,))
+    assert cond.shape == (1, 77, 768)
+    torch.testing.assert_close(cond[0].float(), ref, atol=2e-3, rtol=2e-3)   # ComfyUI may run it in fp16
+
+
+def test_loader_objects_sample_through_stock_ksampler_and_vae(toy):
+    import nodes
+
+    model, clip, vae = toy
+    pos, neg = _encode(clip, "a photo of a red ball on the grass"), _encode(clip, "")
+    before = sample(model, pos, neg, steps=4, seed=3, size=(8, 8))
+    lat = sample(model, pos, neg, steps=4, seed=3, size=(8, 8))
+    assert lat.shape == (1, 4, 8, 8) and torch.isfinite(lat).all()
+    assert torch.equal(before, lat)                      # deterministic from the seed
+    with torch.inference_mode():
+        img = nodes.VAEDecode().decode(vae, {"samples": lat})[0]
+    assert img.shape == (1, 64, 64, 3) and 0 <= img.min() and img.max() <= 1
+    with torch.inference_mode():
+        back = nodes.VAEEncode().encode(vae, img)[0]["samples"]
+    assert back.shape == (1, 4, 8, 8)
+
+
+def test_subject_node_renders_references():
+    imgs, masks, prompt, class_prompt = run_node(toy_world_nodes.ToyWorldSubject, subject=scenes.SUBJECTS[0].name,
+                                                 references=3, prompt_index=1)
+    assert imgs.shape == (3, 64, 64, 3) and masks.shape == (3, 64, 64)
+    assert "sks" in prompt and "sks" not in class_prompt
+    from personalize.nodes.errors import InputError
+
+    with pytest.raises(InputError, match="subject"):
+        run_node(toy_world_nodes.ToyWorldSubject, subject="nope", references=3, prompt_index=1)
+
+
+# ------------------------------------------------------------------------------------------------ scorers
+
+SCORERS_PRESENT = (tw_model.os.path.isfile(tw_model.os.path.join(tw_model.WEIGHTS_DIR, "scorers.safetensors")))
+
+
+@pytest.fixture(scope="module")
+def scorers():
+    if not SCORERS_PRESENT:
+        pytest.fail("weights/toyworld/scorers.safetensors missing: run scripts/train_toyworld.py scorers")
+    from personalize.toyworld.scorers import Scorers
+
+    return Scorers()
+
+
+def _renders(subject, n, seed, background=None):
+    rng = np.random.default_rng(seed)
+    return np.stack([scenes.render(scenes.subject_scene(subject, rng, background))[0] for _ in range(n)])
+
+
+def test_scorers_separate_real_renders_of_instances_and_backgrounds(scorers):
+    # subject fidelity: new renders of a held-out subject vs its references (ceiling) against renders of the other
+    # held-out subject of the same class (floor): the instance embedder never saw any held-out subject
+    same, other = [], []
+    for s in scenes.SUBJECTS:
+        refs = np.stack([r[0] for r in scenes.subject_references(s)])
+        twin = next(t for t in scenes.SUBJECTS if t.cls == s.cls and t != s)
+        same.append(scorers.subject_fidelity(_renders(s, 6, 11), refs))
+        other.append(scorers.subject_fidelity(_renders(twin, 6, 11), refs))
+    same, other = np.array(same), np.array(other)
+    print(f"\nsubject fidelity on real renders: same subject {same.mean():.3f}, other subject of the class "
+          f"{other.mean():.3f}, same > other for {(same > other).sum()}/{len(same)} subjects")
+    assert same.mean() > other.mean() + 0.2 and (same > other).mean() >= 0.9
+    # prompt fidelity: class and background classifiers on fresh base renders and held-out subjects
+    _, _, _, sc = scenes.batch(range(50_000, 50_120))
+    imgs = np.stack([scenes.render(s)[0] for s in sc])
+    pf = scorers.prompt_fidelity(imgs, [s.cls for s in sc], [s.background for s in sc])
+    subj_imgs, cls_, bgs = [], [], []
+    for i, s in enumerate(scenes.SUBJECTS):
+        for bg in scenes.BACKGROUNDS:
+            subj_imgs.append(_renders(s, 1, 100 + i, bg)[0])
+            cls_.append(s.cls)
+            bgs.append(bg)
+    ps = scorers.prompt_fidelity(np.stack(subj_imgs), cls_, bgs)
+    print(f"prompt fidelity on real renders: base {pf}, held-out subjects {ps}")
+    assert pf["class"] > 0.9 and pf["background"] > 0.95 and ps["prompt"] > 0.85
+    # a wrong prompt scores at chance or below: the classifiers read the image, not the label
+    wrong = scorers.prompt_fidelity(imgs, [scenes.CLASSES[(scenes.CLASSES.index(s.cls) + 1) % 6] for s in sc],
+                                    [s.background for s in sc])
+    assert wrong["class"] < 0.1
+
+
+def test_trained_model_prompts_are_recognizable(toy, scorers):
+    """A prompt's class and background are recognized by the scorers in images the trained model generates."""
+    if not TRAINED:
+        pytest.fail("weights/toyworld/unet.safetensors missing: run scripts/train_toyworld.py vae/unet")
+    import nodes
+
+    model, clip, vae = toy
+    imgs, cls_, bgs = [], [], []
+    for i, bg in enumerate(scenes.BACKGROUNDS):
+        for j in range(2):
+            c = scenes.CLASSES[(i + 3 * j) % len(scenes.CLASSES)]
+            pos = _encode(clip, f"a photo of a {c} {scenes.BACKGROUNDS[bg]}")
+            lat = sample(model, pos, _encode(clip, ""), steps=12, cfg=5.0, seed=7 + i, size=(8, 8), batch=2)
+            with torch.inference_mode():
+                imgs.append(nodes.VAEDecode().decode(vae, {"samples": lat})[0])
+            cls_ += [c, c]
+            bgs += [bg, bg]
+    pf = scorers.prompt_fidelity(torch.cat(imgs), cls_, bgs)
+    print(f"\ngenerated (24 images, 12 euler steps): class {pf['class']:.2f}, background {pf['background']:.2f} "
+          f"(chance 0.17)")
+    assert pf["background"] >= 0.6 and pf["class"] >= 0.3

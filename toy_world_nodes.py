@@ -1,0 +1,94 @@
+"""Toy World nodes: the pack's own small text-to-image model (trained on procedurally drawn scenes) and its subjects.
+
+Thin node classes over ``toyworld/`` (scene generator, model construction, scorers). The loader returns real
+ComfyUI MODEL / CLIP / VAE objects (an SD1.5-family BaseModel, an SD1 CLIP, a TAESD-architecture VAE), so stock
+KSampler / CLIPTextEncode / VAEDecode and every node of the pack run on it unchanged. Images are 64x64 px (8x8 latents).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .nodes.errors import InputError, require
+from .toyworld import model as tw_model
+from .toyworld import scenes
+
+CATEGORY = "personalize/ToyWorld"
+SOURCES = ("trained", "random (untrained)")
+
+
+class ToyWorldLoader:
+    DESCRIPTION = ("Loads the toy world's text-to-image model: a narrow SD1.5-architecture UNet, a bag-of-words CLIP "
+                   "text encoder (SD1 tokenizer) and a TAESD-architecture VAE, trained by the pack on procedurally "
+                   "drawn 64x64 scenes ('a photo of a red striped ball on the beach'). Use 64x64 latents images "
+                   "(Empty Latent Image 64x64).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "source": (list(SOURCES), {"default": SOURCES[0],
+                                       "tooltip": "'trained' loads weights/toyworld/*.safetensors shipped with the "
+                                                  "pack; 'random (untrained)' builds the same objects with seeded "
+                                                  "random UNet/VAE weights (mechanics only)."}),
+        }}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = ("The toy SD1.5-family diffusion model (eps-prediction, 8x8 latents).",
+                       "The toy text encoder (SD1 tokenizer, 768-wide embeddings).",
+                       "The toy VAE (TAESD architecture, 8x downscale).")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, source="trained"):
+        require(source in SOURCES, "source", f"one of {SOURCES}", source)
+        if source == "trained":
+            if not tw_model.weights_present():
+                raise InputError("source", f"toy world weights in {tw_model.WEIGHTS_DIR}", "missing",
+                                 hint="retrain with scripts/train_toyworld.py, or pick 'random (untrained)'")
+            return tw_model.load()
+        return tw_model.load_random(seed=0)
+
+
+class ToyWorldSubject:
+    DESCRIPTION = ("Renders a held-out toy-world subject (a class shape with a multi-part emblem the model never saw "
+                   "in training) as reference photos with masks, and one of its toy-DreamBench prompts.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "subject": ([s.name for s in scenes.SUBJECTS], {"tooltip": "Which held-out subject to render."}),
+            "references": ("INT", {"default": 4, "min": 1, "max": 5,
+                                   "tooltip": "How many reference renders (different pose, scale, background)."}),
+            "prompt_index": ("INT", {"default": 0, "min": 0, "max": 9,
+                                     "tooltip": "Which of the subject's 10 benchmark prompts to output."}),
+        }}
+
+    RETURN_TYPES = ("IMAGE", "MASK", "STRING", "STRING")
+    RETURN_NAMES = ("images", "masks", "prompt", "class_prompt")
+    OUTPUT_TOOLTIPS = ("Reference renders, 64x64.", "Subject masks of the references.",
+                       "The benchmark prompt with the subject token ('a photo of a sks ball on the beach').",
+                       "The same prompt naming only the class ('a photo of a ball on the beach').")
+    FUNCTION = "render"
+    CATEGORY = CATEGORY
+
+    def render(self, subject, references=4, prompt_index=0):
+        by_name = {s.name: s for s in scenes.SUBJECTS}
+        require(subject in by_name, "subject", f"one of {sorted(by_name)}", subject)
+        require(1 <= int(references) <= 5, "references", "1 to 5", references)
+        require(0 <= int(prompt_index) <= 9, "prompt_index", "0 to 9", prompt_index)
+        s = by_name[subject]
+        refs = scenes.subject_references(s, int(references))
+        imgs = torch.from_numpy(np.stack([r[0] for r in refs]))
+        masks = torch.from_numpy(np.stack([r[1] for r in refs]))
+        p = scenes.dreambench_prompts(s)[int(prompt_index)]
+        return imgs, masks, p["prompt"], p["class_prompt"]
+
+
+NODE_CLASS_MAPPINGS = {
+    "PersonalizeToyWorldLoader": ToyWorldLoader,
+    "PersonalizeToyWorldSubject": ToyWorldSubject,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "PersonalizeToyWorldLoader": "Toy World Loader (small trained text-to-image model)",
+    "PersonalizeToyWorldSubject": "Toy World Subject (reference renders + benchmark prompt)",
+}
