@@ -453,9 +453,9 @@ def dreambooth_loss(step_module, batch: dict, sigmas: torch.Tensor, v_prediction
                     device, autocast_dtype=None):
     """(total, instance MSE, prior MSE or None). DDPM forward process from the model's own sigmas:
     alpha_bar = 1 / (1 + sigma^2); x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps."""
-    x0 = batch["x0"].to(device, torch.float32)
-    noise = batch["noise"].to(device, torch.float32)
-    t = batch["t"].to(device)
+    x0 = _to_device(batch["x0"], device).float()
+    noise = _to_device(batch["noise"], device).float()
+    t = _to_device(batch["t"], device)
     sig = sigmas.to(device, torch.float32)[t].view(-1, 1, 1, 1)
     ab = 1.0 / (1.0 + sig * sig)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
@@ -472,6 +472,13 @@ def dreambooth_loss(step_module, batch: dict, sigmas: torch.Tensor, v_prediction
         prior = torch.nn.functional.mse_loss(pred[n_inst:], target[n_inst:])
         return inst_loss + prior_loss_weight * prior, inst_loss, prior
     return inst_loss, inst_loss, None
+
+
+def _to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """Host -> GPU without a stream sync (a copy from pageable memory would wait for the queue to drain)."""
+    if torch.device(device).type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def _param_dtype(m) -> torch.dtype:
@@ -657,7 +664,9 @@ def train(model, clip, vae, images, cfg: TrainConfig, save_path: str, cache_dir:
         groups = [{"params": params_unet, "lr": cfg.learning_rate}]
         if params_te:
             groups.append({"params": params_te, "lr": cfg.text_encoder_lr})
-        opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+        cuda = torch.device(device).type == "cuda"
+        opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8,
+                                **({"fused": True} if cuda else {}))
         scaler = torch.amp.GradScaler(torch.device(device).type) if ac == torch.float16 else None
         if state is not None:
             lora.load_into(modules, {k[5:]: v for k, v in state.items() if k.startswith("lora.")}, "save_name")
@@ -678,13 +687,16 @@ def train(model, clip, vae, images, cfg: TrainConfig, save_path: str, cache_dir:
         vpred = isinstance(ms, cms.V_PREDICTION)
         streams = (_Stream(inst.shape[0], cfg.seed, 1), _Stream(cls.shape[0], cfg.seed, 2) if cls is not None else None)
         all_params = params_unet + params_te
+        sigmas_dev = sigmas.to(device)
         t0 = time.time()
+        lazy = cuda  # on CPU a sync costs nothing: report every step
+        pending: list = []
         for step in range(start, cfg.steps):
             if check_interrupt is not None:
                 check_interrupt()
             batch = step_batch(step, cfg, inst, cls, sigmas, world, rank, streams)
             opt.zero_grad(set_to_none=True)
-            loss, li, lp = dreambooth_loss(runner, batch, sigmas, vpred, cfg.prior_loss_weight, device, ac)
+            loss, li, lp = dreambooth_loss(runner, batch, sigmas_dev, vpred, cfg.prior_loss_weight, device, ac)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
@@ -697,12 +709,18 @@ def train(model, clip, vae, images, cfg: TrainConfig, save_path: str, cache_dir:
                 scaler.update()
             else:
                 opt.step()
-            li_v, lp_v = _global_mean(li, world), (None if lp is None else _global_mean(lp, world))
-            losses.append((step + 1, li_v, lp_v))
-            if on_step is not None:
-                on_step(step + 1, cfg.steps, li_v, lp_v)
             done = step + 1
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps and rank == 0:
+            pending.append((done, li.detach(), None if lp is None else lp.detach()))
+            ckpt = bool(cfg.checkpoint_every) and done % cfg.checkpoint_every == 0 and done < cfg.steps
+            if not lazy or ckpt or done == cfg.steps or len(pending) >= SYNC_EVERY:
+                # one host sync (and one all_reduce) per flush, not per step: on a launch-bound GPU every .item()
+                # stalls the queue
+                for s_, li_v, lp_v in _flush(pending, world):
+                    losses.append((s_, li_v, lp_v))
+                    if on_step is not None:
+                        on_step(s_, cfg.steps, li_v, lp_v)
+                pending = []
+            if ckpt and rank == 0:
                 _save_resume(rpath, modules, opt, all_params, done, sig, losses, fam)
         LOG.info("DreamBooth: %d steps in %.1fs", cfg.steps - start, time.time() - t0)
 
@@ -718,15 +736,22 @@ def train(model, clip, vae, images, cfg: TrainConfig, save_path: str, cache_dir:
     return TrainResult(save_path, sd, meta, losses, start, cache_file, cache_hit)
 
 
-def _global_mean(x: torch.Tensor, world: int) -> float:
-    x = x.detach().float()
+SYNC_EVERY = 10
+
+
+def _flush(pending: list, world: int) -> list:
+    """[(step, instance loss, prior loss or None)] as floats, averaged over ranks: one all_reduce, one sync."""
+    if not pending:
+        return []
+    has_prior = pending[0][2] is not None
+    x = torch.stack([torch.stack([a.float(), (b if has_prior else a).float()]) for _, a, b in pending])
     if world > 1:
         import torch.distributed as dist
 
-        x = x.clone()
         dist.all_reduce(x)
         x = x / world
-    return float(x)
+    vals = x.cpu().tolist()
+    return [(s, v[0], v[1] if has_prior else None) for (s, _, _), v in zip(pending, vals)]
 
 
 def _save_resume(path, modules, opt, params, step, sig, losses, family) -> None:
