@@ -391,6 +391,34 @@ def test_bad_inputs_give_clear_errors(pack, mods, photos, dirs):
         training.load_image_dir(str(dirs["tmp"] / "nope"))
 
 
+def test_text_encoder_lora_loads_completely_and_sdxl_keys_are_mapped(mods, photos, tmp_path):
+    """train_text_encoder: lora_te_* keys that the stock loader maps onto CLIP; SDXL's kohya UNet keys all map too."""
+    import comfy.lora
+    from personalize.nodes import training
+    from scripts import models
+
+    m, c, v = mods
+    with torch.inference_mode():
+        res = training.train(m, c, v, photos, cfg(steps=3, train_text_encoder=True, text_encoder_lr=1e-2,
+                                                   prior_loss_weight=0.0, targets="transformer"),
+                             str(tmp_path / "te.safetensors"), None)
+    te_keys = {k.rsplit(".", 2)[0] for k in res.lora_sd if k.startswith("lora_te_")}
+    assert len(te_keys) == 2 * 6  # tiny CLIP: 2 layers x (q, k, v, out, fc1, fc2)
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in te_keys
+    loaded, clip2, _, unmapped = load_stock(m, c, tmp_path / "te.safetensors")
+    assert unmapped == []
+    assert len(clip2.patcher.patches) == len(te_keys)
+    assert len(loaded.patches) == 16 * 12  # per block: (q, k, v, out) x 2 attentions, 2 ff, proj_in, proj_out
+    with torch.inference_mode():
+        tokens = c.tokenize("a photo of sks dog")
+        assert (clip2.encode_from_tokens(tokens) - c.encode_from_tokens(tokens)).abs().max() > 1e-5
+
+    xl = models.build_model("sdxl", tiny=True, seed=0)
+    names = training.unet_layer_names(xl, "attention")
+    key_map = comfy.lora.model_lora_keys_unet(xl.model, {})
+    assert len(names) == 70 * 8 and all(k in key_map for k in names.values())
+
+
 def test_cli_reports_bad_input(tmp_path):
     r = subprocess.run([sys.executable, "-m", "scripts.train_dreambooth", "--random-tiny", "0", "--images",
                         str(tmp_path), "--output-dir", str(tmp_path), "--save-name", "../x", "--cpu"],
