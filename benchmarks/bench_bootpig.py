@@ -14,7 +14,6 @@ GPU memory. Variants:
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -40,7 +39,6 @@ def main(argv=None):
     import torch
 
     import comfy.model_management as mm
-    import comfy.model_patcher
     import nodes
     from personalize.nodes.reference_attention import ReferenceSet, RSASettings, apply_rsa
     from scripts import models
@@ -62,7 +60,10 @@ def main(argv=None):
         g = torch.Generator().manual_seed(0)
         latents = bm.process_latent_in(torch.randn(a.refs, 4, lat, lat, generator=g))
         reference = ReferenceSet(latents=latents, white=torch.zeros(4), encoder=model, family=fam)
-        sep_model = comfy.model_patcher.ModelPatcher(copy.deepcopy(bm), model.load_device, model.offload_device)
+        sep_model = models.build_model(fam, tiny=a.tiny, seed=0)  # the same weights, loaded a second time
+        if cuda:
+            sep_model.model.diffusion_model.to(dtype)
+            sep_model.model.manual_cast_dtype = None
         separate = ReferenceSet(latents=latents, white=torch.zeros(4), encoder=sep_model, family=fam)
         pos = models.random_conditioning(fam, seed=1, width=res, height=res)
         neg = models.random_conditioning(fam, seed=2, width=res, height=res)

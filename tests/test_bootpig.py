@@ -244,12 +244,10 @@ def test_parent_unchanged_and_back_to_back_prompts_share_no_state(features, tiny
 def test_batched_reference_rows_equal_a_separate_reference_unet_pass(tiny_sd15, vae, refs):
     """Reference-attention mode appends the reference rows to the base UNet call; a separately loaded copy of the same
     weights (trained-encoder path) must give the same images."""
-    import comfy.model_patcher
-
     reference = encode(tiny_sd15, vae, refs[:2])
     c, u = conds("sd15")
-    copy_bm = copy.deepcopy(tiny_sd15.model)
-    separate = comfy.model_patcher.ModelPatcher(copy_bm, tiny_sd15.load_device, tiny_sd15.offload_device)
+    separate = models.build_model("sd15", tiny=True, seed=0)  # same seed as the fixture: the same weights, loaded twice
+    assert separate.model is not tiny_sd15.model
     ref_sep = R.ReferenceSet(latents=reference.latents, white=reference.white, encoder=separate, family="sd15",
                              seed=reference.seed)
     p_batched = rsa(tiny_sd15, reference)
