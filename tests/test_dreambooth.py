@@ -419,6 +419,40 @@ def test_text_encoder_lora_loads_completely_and_sdxl_keys_are_mapped(mods, photo
     assert len(names) == 70 * 8 and all(k in key_map for k in names.values())
 
 
+def test_example_workflow_trains_then_samples_with_the_lora(pack):
+    """example_workflows/dreambooth_lora.json converts (object_info built from the real node classes, as the server
+    does) into: checkpoint -> trainer -> its MODEL and CLIP -> prompt 'a photo of sks dog on the beach' -> KSampler."""
+    import json
+
+    import nodes as comfy_nodes
+    from scripts import workflow as wf
+
+    ui = json.loads((REPO / "example_workflows" / "dreambooth_lora.json").read_text())
+    info = {}
+    for n in ui["nodes"]:
+        cls = pack.NODE_CLASS_MAPPINGS.get(n["type"]) or comfy_nodes.NODE_CLASS_MAPPINGS.get(n["type"])
+        if cls is not None:
+            spec = cls.INPUT_TYPES()
+            info[n["type"]] = {"input": spec, "input_order": {k: list(v) for k, v in spec.items()}}
+    api = wf.ui_to_api(ui, info)
+    by_type = {v["class_type"]: (k, v["inputs"]) for k, v in api.items()}
+    tid, tr = by_type["PersonalizeDreamBoothLoRATrainer"]
+    spec = pack.NODE_CLASS_MAPPINGS["PersonalizeDreamBoothLoRATrainer"].INPUT_TYPES()
+    for group in spec.values():
+        for name, (typ, opts) in group.items():
+            if "default" in opts:
+                assert tr[name] == opts["default"], name  # the workflow ships the defaults (the papers' values)
+    ck = by_type["CheckpointLoaderSimple"]
+    assert ck[1]["ckpt_name"] == "personalize-random-sd15.safetensors"
+    assert tr["model"] == [ck[0], 0] and tr["clip"] == [ck[0], 1] and tr["vae"] == [ck[0], 2]
+    assert api[tr["instance_images"][0]]["inputs"]["image"] == "example.png"
+    ks = by_type["KSampler"][1]
+    assert ks["model"] == [tid, 0]
+    positive = api[ks["positive"][0]]["inputs"]
+    assert positive["text"] == "a photo of sks dog on the beach" and positive["clip"] == [tid, 1]
+    assert api[by_type["PreviewImage"][0]]["inputs"]["images"] == [tid, 3]
+
+
 def test_cli_reports_bad_input(tmp_path):
     r = subprocess.run([sys.executable, "-m", "scripts.train_dreambooth", "--random-tiny", "0", "--images",
                         str(tmp_path), "--output-dir", str(tmp_path), "--save-name", "../x", "--cpu"],
