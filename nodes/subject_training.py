@@ -362,18 +362,18 @@ class SubjectTrainer:
                                           ex["segs"].to(dev))
         return mse, attn
 
-    def evaluate(self, seed: int = 1234) -> tuple[float, float]:
+    def evaluate(self, seed: int = 1234, timesteps=(250, 500, 750)) -> tuple[float, float]:
         """Mean (mse, attention loss) over every example at fixed timesteps and noise, no dropout."""
         g = torch.Generator().manual_seed(seed)
         tot_m = tot_a = 0.0
         with torch.inference_mode(False), torch.no_grad():
             for i, ex in enumerate(self.examples):
-                for t in (250, 500, 750):
+                for t in timesteps:
                     noise = torch.randn(ex["z0"].shape, generator=g)
                     m, a = self.losses(i, t, noise)
                     tot_m += float(m)
                     tot_a += float(a)
-        n = 3 * len(self.examples)
+        n = len(timesteps) * len(self.examples)
         return tot_m / n, tot_a / n
 
     def step(self) -> dict:

@@ -80,7 +80,7 @@ def tiny_setup(tmp: Path):
 
     cfg = {"hidden_size": 32, "image_size": 224, "intermediate_size": 64, "layer_norm_eps": 1e-5,
            "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2,
-           "patch_size": 14, "projection_dim": 24, "hidden_act": "gelu"}
+           "patch_size": 56, "projection_dim": 24, "hidden_act": "gelu"}
     (tmp / "vision.json").write_text(json.dumps(cfg))
     cv = comfy.clip_vision.ClipVisionModel(str(tmp / "vision.json"))
     models.init_random_(cv.model, 3)
