@@ -102,7 +102,10 @@ def main(argv=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if (torch.cuda.is_available() and not a.cpu) else "gloo"
-        dist.init_process_group(backend=backend)
+        import datetime
+
+        # rank 0 samples the class images while the others wait at a barrier: allow for long sampling runs
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         import folder_paths

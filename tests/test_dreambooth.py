@@ -182,6 +182,7 @@ def test_node_trains_saves_kohya_file_that_stock_loader_maps_completely(pack, mo
 
     # the instance loss measured through ComfyUI falls
     loss_after = instance_loss(loaded, c, v, photos)
+    print(f"instance loss through ComfyUI: {loss_before:.4f} -> {loss_after:.4f}")
     assert loss_after < loss_before * 0.97, (loss_before, loss_after)
 
     # same save name again: refused without overwrite; class images come from the cache on a second run
