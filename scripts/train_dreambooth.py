@@ -75,8 +75,9 @@ def load_models(a):
     if a.random_tiny is not None:
         from . import models
 
-        return (models.build_model("sd15", tiny=True, seed=a.random_tiny), models.build_clip(tiny=True, seed=a.random_tiny),
-                models.build_vae(seed=a.random_tiny))
+        seed = a.random_tiny
+        return (models.build_model("sd15", tiny=True, seed=seed), models.build_clip(tiny=True, seed=seed),
+                models.build_vae(seed=seed))
     import comfy.sd
     import folder_paths
 
