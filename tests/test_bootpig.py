@@ -335,7 +335,7 @@ def test_loader_round_trip_and_application(tiny_sd15, tmp_path):
     ref, attn1 = trained_like(tiny_sd15)
     path = str(tmp_path / "bootpig" / "mine.safetensors")
     bootpig_weights.save(path, ref, attn1, "sd15")
-    assert not [f for f in os.listdir(tmp_path / "bootpig") if f.startswith(".tmp")]
+    assert not [f for f in os.listdir(tmp_path / "bootpig") if f.endswith(".partial")]
     ref2, attn2, fam = bootpig_weights.load(path, tiny_sd15)
     assert fam == "sd15" and ref2.keys() == ref.keys() and attn2.keys() == attn1.keys()
     assert all(torch.equal(ref[k], ref2[k]) for k in ref) and all(torch.equal(attn1[k], attn2[k]) for k in attn1)

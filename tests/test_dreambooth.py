@@ -153,7 +153,7 @@ def test_node_trains_saves_kohya_file_that_stock_loader_maps_completely(pack, mo
     model_out, clip_out, name, curve = run_node(dn.DreamBoothLoRATrainer, **node_inputs(mods, photos))
     path = dirs["loras"] / "sks_dog.safetensors"
     assert name == "sks_dog.safetensors" and path.is_file()
-    assert not [f for f in os.listdir(dirs["loras"]) if f.startswith(".tmp") or f.endswith(".resume")]
+    assert not [f for f in os.listdir(dirs["loras"]) if f.endswith(".partial") or f.endswith(".resume")]
     assert curve.shape[0] == 1 and curve.shape[-1] == 3 and curve.min() >= 0 and curve.max() <= 1
 
     # kohya layout + training metadata
