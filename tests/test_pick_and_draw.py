@@ -199,3 +199,51 @@ def test_bad_inputs_name_the_input(tiny_sd15, tiny_sdxl, clip, reference):
     with pytest.raises(InputError) as e:
         appearance(tiny_sd15, reference, clip, start_percent=0.9, end_percent=0.1)
     assert e.value.input_name == "start_percent"
+
+
+@pytest.mark.parametrize("name", ["pick_and_draw.json", "pick_and_draw_bootpig.json"])
+def test_example_workflows_convert_with_the_defaults_and_build(name, pack, tiny_sd15, clip, reference):
+    """The example workflows convert (object_info from the real node classes, as the server builds it); the guidance
+    nodes ship their defaults; their widget values build patched models on the tiny model."""
+    import json
+    from pathlib import Path
+
+    import nodes as comfy_nodes
+    from scripts import workflow as wf
+
+    ui = json.loads((Path(__file__).resolve().parents[1] / "example_workflows" / name).read_text())
+    info = {}
+    for n in ui["nodes"]:
+        cls = pack.NODE_CLASS_MAPPINGS.get(n["type"]) or comfy_nodes.NODE_CLASS_MAPPINGS.get(n["type"])
+        if cls is not None:
+            spec = cls.INPUT_TYPES()
+            info[n["type"]] = {"input": spec, "input_order": {k: list(v) for k, v in spec.items()}}
+    api = wf.ui_to_api(ui, info)
+    by_type = {v["class_type"]: (k, v["inputs"]) for k, v in api.items()}
+    assert by_type["CheckpointLoaderSimple"][1]["ckpt_name"] == "personalize-random-sd15.safetensors"
+    assert api[by_type["PersonalizePickAndDrawReference"][1]["image"][0]]["inputs"]["image"] == "example.png"
+    ks = by_type["KSampler"][1]
+    positive_text = api[ks["positive"][0]]["inputs"]["text"]
+    chain = {"pick_and_draw.json": ["PersonalizeAppearancePickingGuidance"],
+             "pick_and_draw_bootpig.json": ["PersonalizeLayoutDrawingGuidance", "PersonalizeAppearancePickingGuidance",
+                                            "PersonalizeBootPIGRSAPatch"]}[name]
+    src = ks["model"][0]
+    for t in chain:  # KSampler <- layout <- appearance <- RSA <- checkpoint
+        assert api[src]["class_type"] == t
+        src = api[src]["inputs"]["model"][0]
+    assert api[src]["class_type"] == "CheckpointLoaderSimple"
+    model = tiny_sd15
+    for t in ("PersonalizeAppearancePickingGuidance", "PersonalizeLayoutDrawingGuidance"):
+        if t not in by_type:
+            continue
+        cls = pack.NODE_CLASS_MAPPINGS[t]
+        inputs = by_type[t][1]
+        assert inputs["prompt"] == positive_text  # the guidance finds the word in the sampler's prompt
+        for group in cls.INPUT_TYPES().values():
+            for k, (typ, opts) in group.items():
+                if "default" in opts and k not in ("prompt", "subject_word", "class_word"):
+                    assert inputs[k] == opts["default"], (t, k)
+        widgets = {k: v for k, v in inputs.items() if not isinstance(v, list)}
+        extra = {"reference": reference} if "Appearance" in t else {}
+        model = run_node(cls, model=model, clip=clip, **extra, **widgets)[0]
+    assert len(G.find_spec(model).terms) == (2 if "bootpig" in name else 1)
