@@ -1,0 +1,120 @@
+"""Pick-and-Draw speed benchmark: 20-step sampling, plain ComfyUI vs guided over the first half of the steps.
+
+    python -m benchmarks.bench_pick_and_draw                     # CUDA: SD1.5 512x512 (add --families sd15,sdxl)
+    python -m benchmarks.bench_pick_and_draw --tiny --cpu --steps 4 --repeats 1   # smoke run on tiny models
+
+Same model, same run, same seed: prints seconds per sampling (median of --repeats after a warm-up), the ratio to
+plain sampling and the peak GPU memory. The UNet weights are made under ``torch.inference_mode()`` as ComfyUI's
+checkpoint loader makes them, so the guided runs take the inference-tensor aliasing path real users get.
+Variants (guidance on steps in [0, 50%), CFG 5, euler/normal, batch 1, one guided iteration per step):
+- appearance_renoise:  Appearance Picking Guidance, reference re-noised per step (decoder_mid layers)
+- appearance_ddim:     the same with DDIM inversion of the reference (one extra UNet pass per schedule step, once)
+- layout:              Layout Drawing Guidance, every cross-attention layer, template = the model without patches
+- both_renoise:        appearance + layout, one backward per guided step (the issue's headline configuration)
+- both_ddim:           the same with DDIM inversion (the nodes' default reference_noise)
+Anchor from the issue (H100, ComfyUI 0.3.75, random weights): forward+backward to the latent = 3.0x a forward on
+SD1.5; naive guidance of half the steps ~2.4x plain; goal <= 2.0x.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
+
+from scripts import host  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--families", default="sd15")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--end-percent", type=float, default=0.5, help="guided range is [0, end)")
+    p.add_argument("--tiny", action="store_true", help="tiny models (smoke test), small latents")
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--variants", default="appearance_renoise,appearance_ddim,layout,both_renoise,both_ddim")
+    a = p.parse_args(argv)
+    host.bootstrap(cpu=a.cpu)
+    import torch
+
+    import comfy.model_management as mm
+    import nodes
+    from personalize.nodes import guidance as G
+    from scripts import models
+
+    dev = mm.get_torch_device()
+    cuda = dev.type == "cuda"
+    print(f"device: {torch.cuda.get_device_name(dev) if cuda else 'cpu'}; torch {torch.__version__}; "
+          f"steps {a.steps}; guided [0, {a.end_percent}); {'tiny' if a.tiny else 'full-size'} random weights")
+    print(f"{'family':6} {'res':>5} {'variant':19} {'seconds':>8} {'ratio':>6} {'peak GiB':>9} {'guided':>6}")
+    for fam in a.families.split(","):
+        res = (64 if fam == "sd15" else 128) if a.tiny else (512 if fam == "sd15" else 1024)
+        dtype = torch.float16 if cuda else torch.float32
+        with torch.inference_mode():  # weights as inference tensors, like a checkpoint loaded by a node
+            model = models.build_model(fam, tiny=a.tiny, seed=0)
+            if cuda:
+                model.model.diffusion_model.to(dtype)
+                model.model.manual_cast_dtype = None
+        lat = res // 8
+        g = torch.Generator().manual_seed(0)
+        bm = model.model
+        ref_latent = bm.process_latent_in(torch.randn(1, 4, lat, lat, generator=g))
+        mask = torch.zeros(lat, lat)
+        mask[lat // 4: 3 * lat // 4, lat // 4: 3 * lat // 4] = 1
+        reference = G.Reference(latent=ref_latent, mask=mask, family=fam)
+        pos = models.random_conditioning(fam, seed=1, width=res, height=res)
+        neg = models.random_conditioning(fam, seed=2, width=res, height=res)
+        tmpl_ctx = models.random_conditioning(fam, seed=3)[0][0]
+        steps_range = G.StepRange.from_percent(model, 0.0, a.end_percent)
+        subject = (5,)
+
+        def app(noise):
+            return G.AppearanceTerm(weight=1.0, steps=steps_range, layers=G.parse_layers(model, "decoder_mid"),
+                                    positions=subject, tau=0.5, step_size=20.0, schedule="linear_decay", iterations=1,
+                                    reference=reference, reference_noise=noise, seed=0)
+
+        lay = G.LayoutTerm(weight=1.0, steps=steps_range, layers=G.parse_layers(model, "all"), positions=subject,
+                           template_positions=subject, template_context=tmpl_ctx, smoothing_sigma=0.5,
+                           step_size=20.0, schedule="linear_decay")
+        terms = {"appearance_renoise": [app("renoise")], "appearance_ddim": [app("ddim_inversion")],
+                 "layout": [lay], "both_renoise": [app("renoise"), lay], "both_ddim": [app("ddim_inversion"), lay]}
+        variants = {"plain": model}
+        for name in [v for v in a.variants.split(",") if v]:
+            m = model
+            for t in terms[name]:
+                m = G.add_term(m, t)
+            variants[name] = m
+        base_time = None
+        for name, m in variants.items():
+            times = []
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            for r in range(a.repeats + 1):
+                latent = {"samples": torch.zeros(1, 4, lat, lat)}
+                if cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    nodes.common_ksampler(m, 1, a.steps, 5.0, "euler", "normal", pos, neg, latent)
+                if cuda:
+                    torch.cuda.synchronize()
+                if r > 0:
+                    times.append(time.perf_counter() - t)
+            sec = statistics.median(times)
+            base_time = base_time or sec
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+            guided = 0 if name == "plain" else len(G.LAST_RUN_LOG)
+            print(f"{fam:6} {res:5d} {name:19} {sec:8.3f} {sec / base_time:6.2f} {peak:9.2f} {guided:6d}", flush=True)
+        del variants
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+
+
+if __name__ == "__main__":
+    main()
