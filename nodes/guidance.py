@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -264,15 +265,14 @@ class Recording:
         self.modules = {k: attention_module(model, k, "attn2") for k in keys}
 
 
-_ORDER_CACHE: dict = {}
+_ORDER_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _order(model) -> list:
     bm = base_model(model)
-    k = id(bm)
-    if k not in _ORDER_CACHE:
-        _ORDER_CACHE[k] = transformer_blocks(bm)
-    return _ORDER_CACHE[k]
+    if bm not in _ORDER_CACHE:
+        _ORDER_CACHE[bm] = transformer_blocks(bm)
+    return _ORDER_CACHE[bm]
 
 
 def cross_attention_probs(attn2, n: torch.Tensor, context: torch.Tensor, heads: int) -> torch.Tensor:
@@ -330,14 +330,18 @@ def _with_recording(model_options: dict, rec: Recording, plain: bool = False) ->
     return mo
 
 
-def record(model, conds, x, timestep, model_options, keys, want_feats=(), plain=False, stop=True) -> Recording:
+def record(model, conds, x, timestep, model_options, keys, want_feats=(), plain=False, stop=True,
+           output: list | None = None) -> Recording:
     """Run the UNet (``model`` = BaseModel) on ``x`` with ``conds`` (processed conds, one group) through ComfyUI's
-    calc_cond_batch and return what the chosen blocks saw."""
+    calc_cond_batch and return what the chosen blocks saw. ``stop=False`` runs the whole UNet and appends the
+    denoised prediction to ``output``."""
     import comfy.samplers
 
     rec = Recording(model, keys, x.shape[0], want_feats, stop)
     try:
-        comfy.samplers.calc_cond_batch(model, [conds], x, timestep, _with_recording(model_options, rec, plain))
+        out = comfy.samplers.calc_cond_batch(model, [conds], x, timestep, _with_recording(model_options, rec, plain))
+        if output is not None:
+            output.append(out[0])
     except StopForward:
         pass
     missing = [k for k in keys if k not in rec.maps]
@@ -510,45 +514,65 @@ def _reference_latent(term: AppearanceTerm, x: torch.Tensor) -> tuple[torch.Tens
     return lat.to(x.dtype), mask
 
 
-def _reference_noisy(term, run: RunState, model, conds, x, sigma: float, model_options) -> torch.Tensor:
+def _renoised(term, model, x, sigma: float) -> torch.Tensor:
     lat, _ = _reference_latent(term, x)
-    if term.reference_noise == "renoise":
-        g = torch.Generator().manual_seed((int(term.seed) * 1000003 + int(round(sigma * 10000))) % (2 ** 63))
-        noise = torch.randn(lat.shape, generator=g).to(lat.device, lat.dtype)
-        ms = model.model_sampling
-        return ms.noise_scaling(torch.tensor([sigma], device=lat.device, dtype=lat.dtype).view(-1, 1, 1, 1), noise, lat)
-    # DDIM inversion (deterministic Euler in sigma space) up to the highest guided sigma, once per run
-    key = (id(term), tuple(x.shape[-2:]))
-    traj = run.inversions.get(key)
-    if traj is None:
-        sig = [float(s) for s in run.sigmas.detach().float().cpu() if float(s) > 0.0]
-        top = max([s for s in sig if term.steps.active(s)], default=sigma)
-        ascending = sorted(s for s in sig if s <= top + 1e-6)
-        traj = {}
-        cur = lat
-        prev = None
-        for s in ascending:
-            if prev is None:
-                cur = lat + s * _eps(model, conds, lat, s, model_options)
-            else:
-                cur = cur + (s - prev) * _eps(model, conds, cur, prev, model_options)
-            traj[round(s, 6)] = cur
-            prev = s
-        run.inversions[key] = traj
-    best = min(traj, key=lambda s: abs(s - sigma))
-    return traj[best]
+    g = torch.Generator().manual_seed((int(term.seed) * 1000003 + int(round(sigma * 10000))) % (2 ** 63))
+    noise = torch.randn(lat.shape, generator=g).to(lat.device, lat.dtype)
+    ms = model.model_sampling
+    return ms.noise_scaling(torch.tensor([sigma], device=lat.device, dtype=lat.dtype).view(-1, 1, 1, 1), noise, lat)
 
 
-def _palette(term: AppearanceTerm, run, model, conds, x, sigma, model_options) -> dict:
-    xr = _reference_noisy(term, run, model, conds, x, sigma, model_options)
-    t = torch.full((1,), sigma, device=x.device, dtype=x.dtype)
-    rec = record(model, conds, xr, t, model_options, term.layers, want_feats=term.layers)
+def _palette_from(term: AppearanceTerm, rec: Recording, x) -> dict:
     _, mask = _reference_latent(term, x)
     if mask is not None:
         masks = {k: _resize_mask(mask, rec.grids[k]) for k in term.layers}
     else:
         masks = saliency_masks(rec, term.layers, term.positions, 0, term.tau)
     return {k: rec.feats[k][0][masks[k].flatten()].detach() for k in term.layers}
+
+
+def _ddim_palettes(term: AppearanceTerm, run: RunState, model, conds, x, model_options) -> dict:
+    """DDIM inversion of the reference (deterministic Euler in sigma space) up to the highest guided sigma, once per
+    run; the UNet pass that gives eps at (x_s, s) also records the palette for sigma s (no separate palette pass)."""
+    key = (id(term), tuple(x.shape[-2:]))
+    pal = run.inversions.get(key)
+    if pal is not None:
+        return pal
+    lat, _ = _reference_latent(term, x)
+    sig = [float(s) for s in run.sigmas.detach().float().cpu() if float(s) > 0.0]
+    guided = [s for s in sig if term.steps.active(s)]
+    top = max(guided) if guided else max(sig)
+    ascending = sorted(s for s in sig if s <= top + 1e-6)
+    pal = {}
+    cur, prev = lat, None
+    for s in ascending:
+        if prev is None:  # x_{s_min} = x_0 + s_min * eps(x_0, s_min)
+            cur = lat + s * _eps(model, conds, lat, s, model_options)
+        else:
+            t = torch.full((1,), prev, device=x.device, dtype=x.dtype)
+            out: list = []
+            rec = record(model, conds, cur, t, model_options, term.layers, want_feats=term.layers, stop=False,
+                         output=out)
+            if any(abs(prev - g) <= 1e-6 * max(1.0, g) for g in guided):
+                pal[round(prev, 6)] = _palette_from(term, rec, x)
+            cur = cur + (s - prev) * (cur - out[0]) / prev
+        prev = s
+    t = torch.full((1,), top, device=x.device, dtype=x.dtype)  # the top sigma: features of the last point
+    rec = record(model, conds, cur, t, model_options, term.layers, want_feats=term.layers)
+    pal[round(top, 6)] = _palette_from(term, rec, x)
+    run.inversions[key] = pal
+    return pal
+
+
+def _palette(term: AppearanceTerm, run, model, conds, x, sigma, model_options) -> dict:
+    if term.reference_noise == "ddim_inversion":
+        pal = _ddim_palettes(term, run, model, conds, x, model_options)
+        best = min(pal, key=lambda s: abs(s - sigma))
+        return pal[best]
+    xr = _renoised(term, model, x, sigma)
+    t = torch.full((1,), sigma, device=x.device, dtype=x.dtype)
+    rec = record(model, conds, xr, t, model_options, term.layers, want_feats=term.layers)
+    return _palette_from(term, rec, x)
 
 
 def _step_size(term, run: RunState, sigma: float) -> float:

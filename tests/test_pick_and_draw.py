@@ -174,7 +174,7 @@ def test_subject_word_positions_follow_the_tokenizer(clip):
     assert e.value.input_name == "subject_word"
 
 
-def test_bad_inputs_name_the_input(tiny_sd15, tiny_sdxl, clip, reference):
+def test_bad_inputs_name_the_input(tiny_sd15, clip, reference):
     with pytest.raises(InputError) as e:
         appearance(tiny_sd15, reference, clip, subject_word="cat")
     assert e.value.input_name == "subject_word" and "'cat'" in str(e.value)
@@ -185,14 +185,13 @@ def test_bad_inputs_name_the_input(tiny_sd15, tiny_sdxl, clip, reference):
         run_node(P.PickAndDrawReference, model=tiny_sd15, vae=build_vae(0), image=torch.rand(1, 64, 64, 3),
                  mask=torch.zeros(1, 64, 64), resolution=64)
     assert e.value.input_name == "mask" and "empty" in str(e.value)
-    (xl_ref,) = run_node(P.PickAndDrawReference, model=tiny_sdxl, vae=build_vae(0), image=torch.rand(1, 64, 64, 3),
-                         resolution=64)
+    xl_ref = G.Reference(latent=reference.latent, mask=None, family="sdxl")  # as the encoder tags an SDXL one
     with pytest.raises(InputError) as e:
         appearance(tiny_sd15, xl_ref, clip)
     assert e.value.input_name == "reference" and "SDXL" in str(e.value)
     with pytest.raises(InputError) as e:
-        layout(tiny_sd15, clip, template_model=tiny_sdxl)
-    assert e.value.input_name == "template_model"
+        layout(tiny_sd15, clip, class_word=" ")
+    assert e.value.input_name == "class_word"
     with pytest.raises(InputError) as e:
         appearance(tiny_sd15, reference, clip, layers="output.0")
     assert e.value.input_name == "layers"
