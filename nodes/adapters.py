@@ -181,7 +181,7 @@ def init_weights(model, vision_width=1280, vision_tokens=256, embed_dim=1024, hi
     cfg = make_config(model, vision_width, vision_tokens, embed_dim, hidden)
     mods = SubjectModules(cfg)
     _default_init_(mods, seed)
-    mods.eval()
+    mods.requires_grad_(False).eval()
     return SubjectWeights(cfg, mods, {}, False, 0)
 
 
@@ -206,7 +206,7 @@ def load_weights(path: str, input_name: str = "weights_name") -> SubjectWeights:
     expected = list(mods.state_dict().keys())
     weights_io.check_keys(tensors.keys(), expected, "Subject-Diffusion weights file", input_name)
     mods.load_state_dict({k: tensors[k] for k in expected}, strict=True)
-    mods.eval()
+    mods.requires_grad_(False).eval()
     unet = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
     return SubjectWeights(cfg, mods, unet, meta.get("trained") == "true", int(meta.get("steps", "0") or 0))
 

@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--attn-weight", type=float, default=0.01, help="attention-control loss weight (paper: 0.01)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=1024, help="width of the new MLPs (paper: 1024; zero-init only)")
     p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0 = only at the end)")
     p.add_argument("--random-tiny", action="store_true", help="smoke test on tiny random models, no files needed")
     a = p.parse_args(argv)
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
             weights = ad.load_weights(a.init, "--init")
         else:
             width, tokens, embed = ad.vision_dims(cv)
-            weights = ad.init_weights(model, width, tokens, embed, seed=a.seed)
+            weights = ad.init_weights(model, width, tokens, embed, hidden=a.hidden, seed=a.seed)
         out = Path(a.out) if a.out else Path(folder_paths.get_folder_paths("subject_diffusion")[0]) / (
             a.name if a.name.endswith(".safetensors") else a.name + ".safetensors")
         trainer = st.SubjectTrainer(model, clip, vae, cv, weights, examples, lr=a.lr, attn_weight=a.attn_weight,
