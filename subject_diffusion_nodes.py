@@ -104,9 +104,10 @@ class LocationMaskConcat:
                 "mask": ("MASK", {"tooltip": "Optional subject mask(s) (1 = subject), one per subject, any "
                                              "resolution: resized to the latent grid (nearest)."}),
                 "uncond_mask": (list(location.UNCOND_MODES), {
-                    "default": "same",
-                    "tooltip": "Channel of the unconditional (negative) rows: same = the same map (location kept "
-                               "under CFG); zero = all zeros, as Subject-Diffusion's unconditional branch."}),
+                    "default": "zero",
+                    "tooltip": "Channel of the unconditional (negative) rows: zero = all zeros, as Subject-Diffusion's "
+                               "unconditional branch (no mask, no objects; CFG then also steers toward the "
+                               "location); same = the same map on every row."}),
             },
         }
 
@@ -115,7 +116,7 @@ class LocationMaskConcat:
     FUNCTION = "apply"
     CATEGORY = CATEGORY
 
-    def apply(self, model, latent, boxes="", mask=None, uncond_mask="same"):
+    def apply(self, model, latent, boxes="", mask=None, uncond_mask="zero"):
         introspect.family(model, "model")
         require(isinstance(latent, dict) and "samples" in latent, "latent", "a LATENT", type(latent).__name__)
         channel, _, _ = location.build_channel(latent["samples"], boxes, mask)

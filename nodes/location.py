@@ -183,7 +183,7 @@ class LocationConcat(PatchValue):
     unconditional rows an all-zero channel (Subject-Diffusion's unconditional branch); 'same' gives every row the
     map."""
 
-    def __init__(self, channel: torch.Tensor, uncond: str = "same", expected_in: int = 5):
+    def __init__(self, channel: torch.Tensor, uncond: str = "zero", expected_in: int = 5):
         self.channel = channel.detach().clone().cpu()
         self.uncond = uncond
         self.expected_in = expected_in
@@ -222,7 +222,7 @@ def find_location(model) -> LocationConcat | None:
     return None
 
 
-def apply_location(model, channel: torch.Tensor, uncond: str = "same"):
+def apply_location(model, channel: torch.Tensor, uncond: str = "zero"):
     """Clone with the location channel on every UNet call; clear error if the first conv does not take it."""
     import comfy.patcher_extension as pe
 

@@ -178,6 +178,18 @@ def attention_blocks(unet, latent_hw) -> list[BlockKey]:
     return keys
 
 
+def training_target(ms, sigma: torch.Tensor, x_noisy: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor):
+    """The model output that ``ms.calculate_denoised`` turns into z0: eps for eps-prediction models, v for
+    v-prediction ones (SD2-768)."""
+    import comfy.model_sampling as msm
+
+    if isinstance(ms, msm.V_PREDICTION) and not isinstance(ms, msm.EDM):
+        sd2 = ms.sigma_data ** 2
+        s = sigma.view(-1, *([1] * (x_noisy.ndim - 1)))
+        return (x_noisy * sd2 / (s ** 2 + sd2) - z0) * (s ** 2 + sd2) ** 0.5 / (s * ms.sigma_data)
+    return noise
+
+
 def _trainable_copy(module: torch.nn.Module, device, dtype=torch.float32) -> torch.nn.Module:
     """A deep copy with normal (non-inference) float32 tensors on ``device``, all frozen."""
     with torch.inference_mode(False):
@@ -347,12 +359,7 @@ class SubjectTrainer:
               "cond_or_uncond": [0], "sigmas": sigma}
         out = self.unet(torch.cat([x_in, loc.to(dev)], dim=1), timesteps=self.ms.timestep(sigma).float(),
                         context=ctx, transformer_options=to)
-        if self.v_pred:
-            sd2 = self.ms.sigma_data ** 2
-            s = sigma.view(-1, 1, 1, 1)
-            target = (x_noisy * sd2 / (s ** 2 + sd2) - z0) * (s ** 2 + sd2) ** 0.5 / (s * self.ms.sigma_data)
-        else:
-            target = noise.to(dev)
+        target = training_target(self.ms, sigma, x_noisy, z0, noise.to(dev))
         mse = F.mse_loss(out.float(), target.float())
         if drop_text:
             attn = mse.new_zeros(())
