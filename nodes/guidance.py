@@ -352,21 +352,52 @@ def record(model, conds, x, timestep, model_options, keys, want_feats=(), plain=
 
 
 # ---------------------------------------------------------------------------------------------------- autograd
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A normal (non-inference) tensor sharing ``t``'s storage: no copy."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(),
+                                                                 t.stride())
+
+
+class ParamAlias:
+    """While active, every inference-tensor parameter/buffer of ``module`` is swapped for a normal alias of the same
+    storage (restored on exit, the very same objects), so autograd can save weights for the backward to the latent.
+    Built per guided step: ~one Python pass over the parameters, no per-op cost, no copy."""
+
+    def __init__(self, module):
+        self.module = module
+        self.saved: list = []
+
+    def __enter__(self):
+        for mod in self.module.modules():
+            for store in (mod._parameters, mod._buffers):
+                for name, t in list(store.items()):
+                    if t is not None and t.is_inference():
+                        self.saved.append((store, name, t))
+                        a = _alias(t)
+                        store[name] = torch.nn.Parameter(a, requires_grad=False) if isinstance(
+                            t, torch.nn.Parameter) else a
+        return self
+
+    def __exit__(self, *exc):
+        for store, name, t in reversed(self.saved):
+            store[name] = t
+        self.saved.clear()
+        return False
+
+
 class InferenceAlias(torch.overrides.TorchFunctionMode):
-    """Hands every torch op a normal tensor aliasing each inference tensor argument (same storage, no copy), so
-    autograd can save weights/contexts created under inference mode for backward."""
+    """Fallback when some other inference tensor (not a parameter of the UNet, e.g. one held by another pack's patch)
+    reaches autograd: hands every torch op a normal alias of each inference-tensor argument (per-op Python cost)."""
 
     def __init__(self):
         super().__init__()
         self.cache: dict = {}
 
-    def _alias(self, t):
+    def _swap(self, t):
         if isinstance(t, torch.Tensor) and t.is_inference():
             hit = self.cache.get(id(t))
             if hit is None:
-                a = torch.empty(0, dtype=t.dtype, device=t.device).set_(
-                    t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
-                hit = self.cache[id(t)] = (a, t)
+                hit = self.cache[id(t)] = (_alias(t), t)
             return hit[0]
         return t
 
@@ -374,14 +405,24 @@ class InferenceAlias(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         from torch.utils._pytree import tree_map
 
-        return func(*tree_map(self._alias, args), **tree_map(self._alias, kwargs))
+        return func(*tree_map(self._swap, args), **tree_map(self._swap, kwargs))
 
 
-def _needs_alias(model) -> bool:
-    try:
-        return next(base_model(model).diffusion_model.parameters()).is_inference()
-    except StopIteration:
-        return False
+def _grad_forward(inner, conds, xg, t, model_options, keys, feat_keys, state: dict) -> Recording:
+    """The guided forward with gradients: UNet parameters aliased out of inference mode; if another inference tensor
+    still reaches autograd, retried once under the per-op InferenceAlias mode (kept for the rest of the step)."""
+    with ParamAlias(base_model(inner).diffusion_model):
+        if not state.get("per_op"):
+            try:
+                return record(inner, conds, xg, t, model_options, keys, want_feats=feat_keys)
+            except RuntimeError as e:
+                if "nference tensor" not in str(e):
+                    raise
+                state["per_op"] = True
+                log.info("Pick-and-Draw: an inference tensor outside the UNet's parameters needs gradients; using "
+                         "the per-op aliasing mode")
+        with InferenceAlias():
+            return record(inner, conds, xg, t, model_options, keys, want_feats=feat_keys)
 
 
 # ---------------------------------------------------------------------------------------------------- losses
@@ -613,16 +654,12 @@ def guide_step(inner, conds, x: torch.Tensor, timestep, model_options: dict, ter
         feat_keys = {k for term in terms if isinstance(term, AppearanceTerm) for k in term.layers}
         iterations = max(int(getattr(term, "iterations", 1)) for term in terms)
         etas = {id(term): _step_size(term, run, sigma) for term in terms}
+        alias_state: dict = {}
         entry = {"sigma": sigma, "rows": int(xg.shape[0]), "iterations": [], "backward_passes": 0}
         for it in range(iterations):
             with torch.enable_grad():
                 xg = xg.detach().requires_grad_(True)
-                mode = InferenceAlias() if _needs_alias(inner) else None
-                if mode is not None:
-                    with mode:
-                        rec = record(inner, conds, xg, t, model_options, keys, want_feats=feat_keys)
-                else:
-                    rec = record(inner, conds, xg, t, model_options, keys, want_feats=feat_keys)
+                rec = _grad_forward(inner, conds, xg, t, model_options, keys, feat_keys, alias_state)
                 losses, objective = {}, 0.0
                 for term in terms:
                     if isinstance(term, AppearanceTerm):
@@ -637,6 +674,7 @@ def guide_step(inner, conds, x: torch.Tensor, timestep, model_options: dict, ter
             with torch.no_grad():
                 xg = xg.detach() - grad / (c_in * c_in)
             entry["iterations"].append(losses)
+            entry["per_op_alias"] = bool(alias_state.get("per_op"))
             del rec, grad
         run.log.append(entry)
         return xg.detach()

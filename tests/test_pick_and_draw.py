@@ -150,12 +150,33 @@ def test_batch2_with_cfg_matches_batch1_rows_and_parent_is_untouched(tiny_sd15, 
 def test_gradients_flow_with_weights_made_in_inference_mode(conds, clip, reference):
     with torch.inference_mode():  # as ComfyUI's checkpoint loader makes them
         model = build_model("sd15", tiny=True, seed=0)
-    assert next(model.model.diffusion_model.parameters()).is_inference()
+    params = list(model.model.diffusion_model.parameters())
+    assert all(p.is_inference() for p in params)
     m = appearance(model, reference, clip, iterations=2, step_size=2.0, step_size_schedule="constant")
     sample(m, *conds, steps=1)
     (entry,) = G.LAST_RUN_LOG
     losses = [it["appearance"] for it in entry["iterations"]]
     assert losses[1] < losses[0]
+    assert entry["per_op_alias"] is False  # the UNet's parameters were aliased; no per-op fallback was needed
+    after = list(model.model.diffusion_model.parameters())
+    assert len(after) == len(params) and all(a is b and a.is_inference() for a, b in zip(after, params))
+
+
+def test_aliases_share_storage_and_the_per_op_fallback_differentiates():
+    with torch.inference_mode():
+        lin = torch.nn.Linear(3, 2)
+        ctx = torch.randn(1, 2)
+    x = torch.randn(1, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="nference"):
+        (lin(x) * ctx).sum().backward()
+    w0 = lin.weight
+    with G.ParamAlias(lin):
+        assert not lin.weight.is_inference() and lin.weight.data_ptr() == w0.data_ptr()
+        with G.InferenceAlias():  # ctx is not a parameter: the per-op mode aliases it
+            y = (lin(x) * ctx).sum()
+    assert lin.weight is w0
+    (g,) = torch.autograd.grad(y, [x])
+    assert torch.allclose(g, ctx @ w0)
 
 
 def test_chained_nodes_keep_earlier_terms_and_patch_values(tiny_sd15, clip, reference):
