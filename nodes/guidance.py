@@ -19,8 +19,9 @@ Terms:
 
 Gradients run under ``torch.inference_mode(False)`` + ``torch.enable_grad()`` on tensors cloned out of inference
 mode. Weights loaded by ComfyUI nodes are inference tensors, which autograd refuses to save for backward: during
-the guided forward an :class:`InferenceAlias` torch-function mode hands every op a normal tensor that *shares the
-inference tensor's storage* (no copy), so backward works without duplicating the UNet.
+the guided forward :class:`ParamAlias` swaps the UNet's inference-tensor parameters for normal tensors that *share
+their storage* (no copy; the original objects are put back right after), so backward works without duplicating the
+UNet. If some other inference tensor still reaches autograd, the per-op :class:`InferenceAlias` mode takes over.
 
 State: patch objects are immutable values (``GuidanceSpec`` in ``transformer_options``); per-run state (the DDIM
 inversion, which steps were guided, a loss log) lives in a ``RunState`` a SAMPLER_SAMPLE wrapper makes per run.
