@@ -141,8 +141,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                     break
                 inputs[name] = values[pos]
                 pos += 1
-                if pos < len(values) and _has_control(name, spec) and values[pos] in CONTROL_VALUES:
-                    pos += 1
+                if _has_control(name, spec):
+                    pos += 1  # the frontend always stores a control_after_generate value here ("fixed", ...)
                 elif pos < len(values) and _has_upload(spec) and values[pos] in ("image", "video", "audio"):
                     pos += 1
         for inp in n.get("inputs") or []:

@@ -104,7 +104,14 @@ def test_example_workflow_loads_draws_and_converts_like_the_cli(page, server, pa
     def norm(api):
         return {k: (v["class_type"], json.loads(json.dumps(v["inputs"]))) for k, v in api.items()}
 
-    assert norm(front) == norm(ours)
+    a, b = norm(front), norm(ours)
+    diffs = [f"node {k}: page {a.get(k)} vs cli {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    for k in sorted(set(a) & set(b)):
+        if a[k] != b[k] and a[k][0] == b[k][0]:
+            ia, ib = a[k][1], b[k][1]
+            diffs.append(f"node {k} inputs differing: " + ", ".join(
+                f"{n}: page={ia.get(n)!r} cli={ib.get(n)!r}" for n in sorted(set(ia) | set(ib)) if ia.get(n) != ib.get(n)))
+    assert not diffs, "\n".join(diffs)
     assert page.errors == [], page.errors
 
 

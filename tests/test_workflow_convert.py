@@ -92,3 +92,21 @@ def test_every_example_workflow_is_ui_format_with_unique_ids():
         assert len(ids) == len(set(ids)), f.name
         link_ids = [link[0] for link in data["links"]]
         assert len(link_ids) == len(set(link_ids)), f.name
+
+
+def test_example_workflows_widget_values_fit_their_nodes(server):
+    """The frontend reads widgets_values positionally (a seed is followed by its control value, an image combo by
+    its upload value): a file with one value too few or too many loads shifted in the page."""
+    from scripts.server import get_json
+
+    info = get_json(f"{server.url}/object_info")
+    for f in sorted((REPO / "example_workflows").glob("*.json")):
+        for n in json.loads(f.read_text())["nodes"]:
+            if n["type"] not in info or not isinstance(n.get("widgets_values"), list):
+                continue
+            expected = 0
+            for name, spec in wf.widget_inputs(info[n["type"]]):
+                expected += 1 + int(wf._has_control(name, spec)) + int(wf._has_upload(spec))
+            assert len(n["widgets_values"]) == expected, (
+                f"{f.name} node {n['id']} ({n['type']}): {len(n['widgets_values'])} widget values, the page expects "
+                f"{expected} ({[name for name, _ in wf.widget_inputs(info[n['type']])]})")
