@@ -9,7 +9,6 @@ MLPs and the weights format in ``nodes/adapters.py``, the trainer in ``nodes/sub
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch

@@ -18,7 +18,6 @@ Everything runs on trainable copies made outside inference mode; the input model
 from __future__ import annotations
 
 import copy
-import math
 import random
 from dataclasses import dataclass
 
@@ -61,11 +60,14 @@ def text_key(clip, input_name: str = "clip") -> str:
 
 
 def placeholder_id(clip, key: str, placeholder: str = PLACEHOLDER) -> int:
-    ids = [int(t[0]) for t in clip.tokenize(placeholder)[key][0]]
-    special = {ids[0], ids[-1]}
-    inner = [i for i in ids[1:] if i not in special]
-    require(len(inner) == 1, "text", f"a placeholder '{placeholder}' that is one token", f"{len(inner)} tokens")
-    return inner[0]
+    """Token id of the placeholder (CLIP BPE: 'sks' = 48136): the one token that 'a sks' has more than 'a' (works
+    whatever the tokenizer's start / end / pad tokens are)."""
+    a = [int(t[0]) for t in clip.tokenize("a")[key][0]]
+    b = [int(t[0]) for t in clip.tokenize("a " + placeholder)[key][0]]
+    i = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), None)
+    require(i is not None and i + 1 < len(b) and b[i + 1] == a[i], "text",
+            f"a placeholder '{placeholder}' that the tokenizer keeps as one token", "several tokens")
+    return b[i]
 
 
 def token_width(clip) -> int:
