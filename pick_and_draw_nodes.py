@@ -60,7 +60,9 @@ class PickAndDrawReference:
                 "image": ("IMAGE", {"tooltip": "One photo of the subject (the first image of a batch is used)."}),
             },
             "optional": {
-                "mask": ("MASK", {"tooltip": "Optional subject mask (1 = subject). Must mark some pixels."}),
+                "mask": ("MASK", {"tooltip": "Optional subject mask, 1 = subject, the image's size; it must mark some "
+                                             "pixels. LoadImage's MASK of a cut-out PNG marks the transparent "
+                                             "background: pass it through InvertMask first."}),
                 "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
                                        "tooltip": "Longer side the reference is resized to before encoding (kept to a "
                                                   "multiple of 8). 0 = the model's native size (512 SD1.5, 1024 SDXL)."}),
@@ -75,7 +77,12 @@ class PickAndDrawReference:
 
     def encode(self, model, vae, image, mask=None, resolution=0):
         fam = introspect.family(model, "model")
-        images = as_batch(image, "image")[:1]
+        images = as_batch(image, "image")
+        if images.shape[0] > 1:
+            import logging
+            logging.getLogger("personalize").warning("Pick-and-Draw Reference Encoder: %d images given; the first is "
+                                                     "used (Pick-and-Draw takes a single reference)", images.shape[0])
+        images = images[:1]
         masks = check_masks(mask[:1] if mask is not None and mask.ndim == 3 else mask, images, "mask")
         require(resolution == 0 or resolution >= 64, "resolution", "0 (native) or at least 64", resolution)
         size = resolution or NATIVE_RESOLUTION[fam]
