@@ -667,7 +667,7 @@ def guide_step(inner, conds, x: torch.Tensor, timestep, model_options: dict, ter
                         L = appearance_loss(term, rec, targets[id(term)])
                     else:
                         L = layout_loss(term, rec, targets[id(term)])
-                    losses[term.name] = float(L.detach())
+                    losses[term.name] = L.detach()  # read back after the step: no device sync per loss
                     objective = objective + etas[id(term)] * term.weight * L
                 entry["recorded_rows"] = rec.rows
                 (grad,) = torch.autograd.grad(objective, [xg])  # one backward over the sum of the active losses
@@ -677,6 +677,7 @@ def guide_step(inner, conds, x: torch.Tensor, timestep, model_options: dict, ter
             entry["iterations"].append(losses)
             entry["per_op_alias"] = bool(alias_state.get("per_op"))
             del rec, grad
+        entry["iterations"] = [{k: float(v) for k, v in it.items()} for it in entry["iterations"]]
         run.log.append(entry)
         return xg.detach()
 
