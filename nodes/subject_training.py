@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .trainable import out_of_place_clip
 from .adapters import SubjectWeights, check_model, gated
 from .errors import InputError, require
 from .introspect import BlockKey, base_model, family
@@ -208,23 +209,6 @@ def _trainable_copy(module: torch.nn.Module, device, dtype=torch.float32) -> tor
     return new
 
 
-def _differentiable_text(text_module: torch.nn.Module) -> torch.nn.Module:
-    """ComfyUI's CLIPLayer adds its residuals in place (fine for inference, fatal for autograd). On the training
-    copy only, run each layer out of place: same maths, gradients flow back to the fused token."""
-    import types
-
-    from comfy.clip_model import CLIPLayer
-
-    def forward(self, x, mask=None, optimized_attention=None):
-        x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
-        return x + self.mlp(self.layer_norm2(x))
-
-    for m in text_module.modules():
-        if isinstance(m, CLIPLayer):
-            m.forward = types.MethodType(forward, m)
-    return text_module
-
-
 # ----------------------------------------------------------------------------------------------------- trainer
 class SubjectTrainer:
     def __init__(self, model, clip, vae, clip_vision, weights: SubjectWeights, examples: list[Example],
@@ -272,7 +256,7 @@ class SubjectTrainer:
                 if ".attn2.to_" in k:
                     require(k in sd and sd[k].shape == v.shape, "weights", "attn2 weights matching the model", k)
                     dict(self.unet.named_parameters())[k].data.copy_(v.to(self.device, torch.float32))
-            self.text = _differentiable_text(_trainable_copy(clip.cond_stage_model, self.device))
+            self.text = out_of_place_clip(_trainable_copy(clip.cond_stage_model, self.device))
             self.mods = _trainable_copy(weights.modules, self.device)
             self.train_names = ["input_blocks.0.0.weight", "input_blocks.0.0.bias"] + [
                 n for n, _ in self.unet.named_parameters() if ".attn2.to_k." in n or ".attn2.to_v." in n]

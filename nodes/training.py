@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import introspect, lora
+from .trainable import out_of_place_clip
 from .errors import InputError, require
 from .weights_io import load as load_safetensors, save_atomic
 
@@ -391,20 +392,6 @@ def _checkpointed(module: torch.nn.Module) -> None:
             m.forward = run
 
 
-def _out_of_place_clip(te: torch.nn.Module) -> None:
-    """ComfyUI's CLIPLayer adds its residuals in place (``x += ...``), which autograd rejects once the layers carry
-    trainable LoRA: give the layers of the (copied) text encoder an out-of-place forward with the same math."""
-    from comfy.clip_model import CLIPLayer
-
-    for m in te.modules():
-        if isinstance(m, CLIPLayer):
-            def forward(x, mask=None, optimized_attention=None, _m=m):
-                x = x + _m.self_attn(_m.layer_norm1(x), mask, optimized_attention)
-                return x + _m.mlp(_m.layer_norm2(x))
-
-            m.forward = forward
-
-
 def _mix(*xs: int) -> int:
     h = hashlib.blake2b(repr(xs).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
@@ -578,7 +565,7 @@ def build_trainable(model, clip, cfg: TrainConfig, names: dict, te_names: dict, 
             clip.load_model()
             te = lora.trainable_copy(clip.cond_stage_model, weight_dtype)
             te_mods = lora.inject(te, te_names, cfg.rank, cfg.alpha, _mix(cfg.seed, 1))
-            _out_of_place_clip(te)
+            out_of_place_clip(te)
         if cfg.gradient_checkpointing:
             _checkpointed(unet)
         fixed = {k: (c.float().clone(), None if p is None else p.float().clone()) for k, (c, p) in conds.items()}

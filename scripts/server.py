@@ -1,6 +1,7 @@
 """Start and stop a local ComfyUI server (stdlib only): used by the headless CLI, the demo and the server tests."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -76,6 +77,7 @@ class LocalServer:
         cmd += self.extra_args
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "w")
+        atexit.register(self.stop)  # never leave a server behind, whatever happens to the caller
         self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         deadline = time.time() + self.startup_timeout
