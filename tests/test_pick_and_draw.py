@@ -267,3 +267,29 @@ def test_example_workflows_convert_with_the_defaults_and_build(name, pack, tiny_
         extra = {"reference": reference} if "Appearance" in t else {}
         model = run_node(cls, model=model, clip=clip, **extra, **widgets)[0]
     assert len(G.find_spec(model).terms) == (2 if "bootpig" in name else 1)
+
+
+def test_sdxl_both_losses_on_one_step(tiny_sdxl):
+    """SDXL (70 blocks, pooled/size conditioning): the engine runs both terms and the guided step lowers their sum."""
+    from scripts.models import random_conditioning
+
+    pos, neg = random_conditioning("sdxl", seed=1), random_conditioning("sdxl", seed=2)
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(8, 8)
+    mask[2:6, 2:6] = 1
+    ref = G.Reference(latent=latent, mask=mask, family="sdxl")
+    rng = G.StepRange.from_percent(tiny_sdxl, 0.0, 0.5)
+    assert [(k.name, k.id) for k in G.parse_layers(tiny_sdxl, "decoder_mid")] == [
+        ("output", 3), ("output", 3), ("output", 4), ("output", 4), ("output", 5), ("output", 5)]
+    early = G.parse_layers(tiny_sdxl, "input.4, input.5")  # the guided forward stops after the 4th of 70 blocks
+    app = G.AppearanceTerm(weight=1.0, steps=rng, layers=early, positions=(3,),
+                           tau=0.5, step_size=1.0, schedule="constant", iterations=2, reference=ref,
+                           reference_noise="renoise", seed=0)
+    lay = G.LayoutTerm(weight=1.0, steps=rng, layers=early, positions=(3,),
+                       template_positions=(3,), template_context=random_conditioning("sdxl", seed=3)[0][0],
+                       smoothing_sigma=0.5, step_size=1.0, schedule="constant")
+    m = G.add_term(G.add_term(tiny_sdxl, app), lay)
+    out = sample(m, pos, neg, steps=1)
+    (entry,) = G.LAST_RUN_LOG
+    total = [it["appearance"] + it["layout"] for it in entry["iterations"]]
+    assert torch.isfinite(out).all() and total[1] < total[0], total
