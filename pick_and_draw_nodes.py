@@ -78,6 +78,10 @@ class PickAndDrawReference:
     def encode(self, model, vae, image, mask=None, resolution=0):
         fam = introspect.family(model, "model")
         images = as_batch(image, "image")
+        if mask is not None and float(mask.max()) <= 0.0:
+            raise InputError("mask", "a mask that marks the subject (1 = subject)", "an empty mask",
+                             "LoadImage outputs an empty MASK for an image without transparency: leave the mask "
+                             "unconnected (the subject is then picked by its cross-attention map) or draw one")
         if images.shape[0] > 1:
             import logging
             logging.getLogger("personalize").warning("Pick-and-Draw Reference Encoder: %d images given; the first is "
