@@ -234,11 +234,17 @@ class RunState:
     def __deepcopy__(self, memo):
         return self
 
+    @property
+    def sigma_list(self) -> list:
+        cached = self.__dict__.get("_sigma_list")
+        if cached is None:  # one device->host copy per run
+            cached = self.__dict__["_sigma_list"] = [float(v) for v in self.sigmas.detach().float().cpu()]
+        return cached
+
     def step_index(self, sigma: float) -> int | None:
-        s = self.sigmas.detach().float().cpu()
-        d = (s - sigma).abs()
-        i = int(torch.argmin(d))
-        return i if float(d[i]) <= 1e-4 * max(1.0, abs(sigma)) else None
+        s = self.sigma_list
+        i = min(range(len(s)), key=lambda j: abs(s[j] - sigma))
+        return i if abs(s[i] - sigma) <= 1e-4 * max(1.0, abs(sigma)) else None
 
 
 LAST_RUN_LOG: list = []  # diagnostics: the loss log of the most recent guided run in this process
@@ -581,7 +587,7 @@ def _ddim_palettes(term: AppearanceTerm, run: RunState, model, conds, x, model_o
     if pal is not None:
         return pal
     lat, _ = _reference_latent(term, x)
-    sig = [float(s) for s in run.sigmas.detach().float().cpu() if float(s) > 0.0]
+    sig = [s for s in run.sigma_list if s > 0.0]
     guided = [s for s in sig if term.steps.active(s)]
     top = max(guided) if guided else max(sig)
     ascending = sorted(s for s in sig if s <= top + 1e-6)
@@ -620,7 +626,7 @@ def _palette(term: AppearanceTerm, run, model, conds, x, sigma, model_options) -
 def _step_size(term, run: RunState, sigma: float) -> float:
     if term.schedule == "constant":
         return term.step_size
-    sig = [float(s) for s in run.sigmas.detach().float().cpu()]
+    sig = run.sigma_list
     active = [s for s in sig if term.steps.active(s)]
     if len(active) <= 1:
         return term.step_size
