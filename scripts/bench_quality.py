@@ -62,10 +62,23 @@ class Method:
     uses_token = False
 
     def prepare(self, model, clip, vae, subject, refs):
+        """Once per subject: (model, clip) to generate with."""
+        return model, clip
+
+    def per_prompt(self, model, clip, prompt, subject):
+        """Once per prompt (prompt-dependent patches)."""
         return model
 
     def available(self):
         return True
+
+
+def _node(node_id):
+    return personalize.NODE_CLASS_MAPPINGS[node_id]()
+
+
+def _refs_tensors(refs):
+    return torch.from_numpy(np.stack([r[0] for r in refs])), torch.from_numpy(np.stack([r[1] for r in refs]))
 
 
 class NoPersonalization(Method):
@@ -84,15 +97,66 @@ class BootPIGReferenceAttention(Method):
         return "PersonalizeBootPIGRSAPatch" in personalize.NODE_CLASS_MAPPINGS
 
     def prepare(self, model, clip, vae, subject, refs):
-        enc = personalize.NODE_CLASS_MAPPINGS["PersonalizeBootPIGReferenceEncoder"]()
-        rsa = personalize.NODE_CLASS_MAPPINGS["PersonalizeBootPIGRSAPatch"]()
-        imgs = torch.from_numpy(np.stack([r[0] for r in refs]))
-        masks = torch.from_numpy(np.stack([r[1] for r in refs]))
-        ref = enc.encode(model, vae, imgs, mask=masks, resolution=tw_model.IMAGE_SIZE, seed=0)[0]
-        return rsa.patch(model, ref)[0]
+        imgs, masks = _refs_tensors(refs)
+        ref = _node("PersonalizeBootPIGReferenceEncoder").encode(model, vae, imgs, mask=masks,
+                                                                 resolution=tw_model.IMAGE_SIZE, seed=0)[0]
+        return _node("PersonalizeBootPIGRSAPatch").patch(model, ref)[0], clip
 
 
-METHODS = [NoPersonalization(), TokenOnly(), BootPIGReferenceAttention()]
+class PickAndDraw(Method):
+    """Appearance Picking Guidance with the first reference and its mask (node defaults = the paper's values)."""
+    name = "Pick-and-Draw appearance guidance"
+
+    def available(self):
+        return "PersonalizeAppearancePickingGuidance" in personalize.NODE_CLASS_MAPPINGS
+
+    def prepare(self, model, clip, vae, subject, refs):
+        imgs, masks = _refs_tensors(refs[:1])
+        self.ref = _node("PersonalizePickAndDrawReference").encode(model, vae, imgs, mask=masks,
+                                                                   resolution=tw_model.IMAGE_SIZE)[0]
+        return model, clip
+
+    def per_prompt(self, model, clip, prompt, subject):
+        return _node("PersonalizeAppearancePickingGuidance").patch(model, self.ref, clip, prompt, subject.cls)[0]
+
+
+class BootPIGPickAndDraw(PickAndDraw):
+    name = "BootPIG reference attention + Pick-and-Draw"
+
+    def available(self):
+        return PickAndDraw().available() and BootPIGReferenceAttention().available()
+
+    def prepare(self, model, clip, vae, subject, refs):
+        base, _ = PickAndDraw.prepare(self, model, clip, vae, subject, refs)
+        return BootPIGReferenceAttention().prepare(base, clip, vae, subject, refs)
+
+
+class DreamBoothLoRA(Method):
+    """DreamBooth LoRA (prior preservation) trained on the 4 references per subject: 'a photo of a sks <class>'."""
+    uses_token = True
+    steps = 200
+    lr = 5e-4
+
+    @property
+    def name(self):
+        return f"DreamBooth LoRA ({self.steps} steps, lr {self.lr:g}, rank 4)"
+
+    def available(self):
+        return "PersonalizeDreamBoothLoRATrainer" in personalize.NODE_CLASS_MAPPINGS
+
+    def prepare(self, model, clip, vae, subject, refs):
+        imgs, _ = _refs_tensors(refs)
+        with torch.inference_mode(False):
+            out = _node("PersonalizeDreamBoothLoRATrainer").train(
+                model, clip, vae, imgs, class_noun=subject.cls, instance_prompt="a photo of a sks {class}",
+                class_prompt="a photo of a {class}", num_class_images=8, steps=self.steps, learning_rate=self.lr,
+                resolution=tw_model.IMAGE_SIZE, seed=0, save_name=f"toybench_{subject.name}", overwrite=True,
+                resume=False, checkpoint_every=0, class_steps=20, class_cfg=5.0)
+        return out[0], out[1]
+
+
+METHODS = [NoPersonalization(), TokenOnly(), BootPIGReferenceAttention(), PickAndDraw(), BootPIGPickAndDraw(),
+           DreamBoothLoRA()]
 
 
 def real_renders(subject, prompts, seeds):
@@ -116,6 +180,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=None, help="images per prompt")
     ap.add_argument("--save-grid", default=None, help="write a PNG grid (one row per method, first subject)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default=None, help="comma-separated substrings of method names to run (default all)")
+    ap.add_argument("--dreambooth-steps", type=int, default=DreamBoothLoRA.steps)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     n_subj = a.subjects or (4 if a.quick else len(scenes.SUBJECTS))
@@ -150,18 +216,22 @@ def main(argv=None):
         other.append((s, real_renders(twin, scenes.dreambench_prompts(s), seeds)))
     score("real renders of another subject of the class", other, None)
     grid.append(("real", real[0][1]))
+    DreamBoothLoRA.steps = a.dreambooth_steps
+    wanted = [w.strip().lower() for w in a.methods.split(",")] if a.methods else None
     for m in METHODS:
-        if not m.available():
+        if not m.available() or (wanted and not any(w in m.name.lower() for w in wanted)):
             continue
         t0, n_img, per = time.time(), 0, []
         for s in subjects:
             refs = scenes.subject_references(s)
+            with torch.inference_mode():   # as ComfyUI runs nodes (a trainer turns it off for itself)
+                mm, cc = m.prepare(model, clip, vae, s, refs)
+            imgs = []
             with torch.inference_mode():
-                mm = m.prepare(model, clip, vae, s, refs)
-                imgs = []
                 for k, p in enumerate(scenes.dreambench_prompts(s)):
                     seed = 1000 * scenes.SUBJECTS.index(s) + k
-                    imgs.append(generate(mm, clip, vae, p["prompt"] if m.uses_token else p["class_prompt"], seed, seeds))
+                    prompt = p["prompt"] if m.uses_token else p["class_prompt"]
+                    imgs.append(generate(m.per_prompt(mm, cc, prompt, s), cc, vae, prompt, seed, seeds))
             imgs = torch.cat(imgs)
             n_img += imgs.shape[0]
             per.append((s, imgs))

@@ -35,9 +35,11 @@ from toyworld import scenes  # noqa: E402
 CONFIG = {
     "vae": {"steps": 800, "batch": 12, "crop": 32, "lr": 1e-3, "lr_end": 1e-4, "p_emblem": 0.3,
             "latent_noise": 0.1, "reg": 0.01, "seed": 1},
-    "unet": {"steps": 1500, "batch": 64, "lr": 4e-4, "lr_end": 4e-5, "n_images": 4000, "p_uncond": 0.1,
+    "decoder": {"steps": 1500, "batch": 12, "crop": 32, "lr": 5e-4, "lr_end": 2e-5, "p_emblem": 0.3,
+                "latent_noise": 0.1, "seed": 4},
+    "unet": {"steps": 1500, "batch": 64, "lr": 1e-3, "lr_end": 5e-5, "n_images": 4000, "p_uncond": 0.1,
              "seed": 2},
-    "scorers": {"steps": 700, "batch": 48, "lr": 2e-3, "lr_end": 1e-4, "temperature": 0.1, "seed": 3},
+    "scorers": {"steps": 700, "batch": 48, "lr": 6e-4, "lr_end": 3e-5, "temperature": 0.1, "seed": 3},
 }
 
 
@@ -45,8 +47,14 @@ def log(*a):
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
+_DEADLINE = {"t0": time.time(), "seconds": float("inf")}
+
+
 def lr_at(cfg, step, steps):
-    return cfg["lr_end"] + 0.5 * (cfg["lr"] - cfg["lr_end"]) * (1 + math.cos(math.pi * min(step / steps, 1.0)))
+    """Cosine decay over the run's progress: the larger of steps done and wall time used (so a --minutes limit
+    still ends the schedule at lr_end)."""
+    frac = max(step / steps, (time.time() - _DEADLINE["t0"]) / _DEADLINE["seconds"])
+    return cfg["lr_end"] + 0.5 * (cfg["lr"] - cfg["lr_end"]) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
 def save(tensors, name, meta):
@@ -93,7 +101,7 @@ def train_vae(cfg, steps, minutes):
     params = list(net.taesd_encoder.parameters()) + list(net.taesd_decoder.parameters())
     opt = torch.optim.Adam(params, lr=cfg["lr"])
     t0, step = time.time(), 0
-    while step < steps and time.time() - t0 < minutes * 60:
+    while step < steps and time.time() - _DEADLINE["t0"] < minutes * 60:
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step, steps)
         x = to_tensor(render_mixed(rng, cfg["batch"], cfg["p_emblem"]))
@@ -117,6 +125,45 @@ def train_vae(cfg, steps, minutes):
     sd = {k: v for k, v in net.state_dict().items()}
     save(sd, "vae.safetensors", {"stage": "vae", "config": cfg, "steps_done": step,
                                  "minutes": round((time.time() - t0) / 60, 1)})
+
+
+def train_decoder(cfg, steps, minutes):
+    """Fine-tune the VAE decoder with the encoder frozen: the latent space (and so a UNet trained on it) is unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    torch.manual_seed(cfg["seed"])
+    rng = np.random.default_rng(cfg["seed"])
+    path = os.path.join(tw_model.WEIGHTS_DIR, "vae.safetensors")
+    vae_sd = load_file(path)
+    with safe_open(path, "pt") as f:
+        meta = dict(f.metadata() or {})
+    net = tw_model.new_taesd()
+    net.load_state_dict({k: v.float() for k, v in vae_sd.items()})
+    net.taesd_encoder.requires_grad_(False)
+    opt = torch.optim.Adam(net.taesd_decoder.parameters(), lr=cfg["lr"])
+    step = 0
+    while step < steps and time.time() - _DEADLINE["t0"] < minutes * 60:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step, steps)
+        x = to_tensor(render_mixed(rng, cfg["batch"], cfg["p_emblem"]))
+        c = cfg["crop"]
+        oy, ox = (int(v) * 8 for v in rng.integers(0, (x.shape[-1] - c) // 8 + 1, 2))
+        x = x[..., oy:oy + c, ox:ox + c]
+        with torch.no_grad():
+            e = net.taesd_encoder(x)
+        y = net.taesd_decoder(e + cfg["latent_noise"] * torch.randn_like(e))
+        rec = (y - x).abs().mean() + F.mse_loss(y, x)
+        opt.zero_grad()
+        rec.backward()
+        opt.step()
+        if step % 25 == 0:
+            log(f"decoder step {step} rec {rec.item():.4f}")
+        step += 1
+    sd = {k: v for k, v in net.state_dict().items()}
+    sd["vae_scale"], sd["vae_shift"] = vae_sd["vae_scale"], vae_sd["vae_shift"]   # keep the calibration
+    meta["decoder_finetune"] = json.dumps({"config": cfg, "steps_done": step})
+    save(sd, "vae.safetensors", meta)
 
 
 # ------------------------------------------------------------------------------------------------ UNet
@@ -169,7 +216,7 @@ def train_unet(cfg, steps, minutes):
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=0.0)
     t0, step, ema = time.time(), 0, None
     unet.train()
-    while step < steps and time.time() - t0 < minutes * 60:
+    while step < steps and time.time() - _DEADLINE["t0"] < minutes * 60:
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step, steps)
         idx = rng.integers(0, len(lat), cfg["batch"])
@@ -207,10 +254,16 @@ def train_scorers(cfg, steps, minutes):
     torch.manual_seed(cfg["seed"])
     rng = np.random.default_rng(cfg["seed"])
     cls_net, emb_net = scorers.ClassBgNet(), scorers.InstanceNet()
+    prev = os.path.join(tw_model.WEIGHTS_DIR, "scorers.safetensors")
+    if cfg.get("resume") and os.path.isfile(prev):     # continue training from the shipped weights
+        old = scorers.Scorers(prev)
+        cls_net.load_state_dict(old.cls_net.state_dict())
+        emb_net.load_state_dict(old.emb_net.state_dict())
+        log("resumed from", prev)
     opt = torch.optim.AdamW(list(cls_net.parameters()) + list(emb_net.parameters()), lr=cfg["lr"], weight_decay=1e-4)
     t0, step = time.time(), 0
     B = cfg["batch"]
-    while step < steps and time.time() - t0 < minutes * 60:
+    while step < steps and time.time() - _DEADLINE["t0"] < minutes * 60:
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step, steps)
         # classifier batch: base + emblem scenes
@@ -255,13 +308,20 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     ap.add_argument("--minutes", type=float, default=1e9, help="stop (and save) after this much wall time")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resume", action="store_true", help="scorers: continue from the saved weights")
+    ap.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = dict(CONFIG[a.stage])
     steps = a.steps or cfg["steps"]
     cfg["steps"] = steps
+    if a.resume:
+        cfg["resume"] = True
+    if a.lr:
+        cfg["lr"] = a.lr
     log("stage", a.stage, json.dumps(cfg))
-    {"vae": train_vae, "unet": train_unet, "scorers": train_scorers}[a.stage](cfg, steps, a.minutes)
+    _DEADLINE.update(t0=time.time(), seconds=a.minutes * 60)
+    {"vae": train_vae, "decoder": train_decoder, "unet": train_unet, "scorers": train_scorers}[a.stage](cfg, steps, a.minutes)
 
 
 if __name__ == "__main__":

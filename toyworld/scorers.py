@@ -51,7 +51,7 @@ class InstanceNet(nn.Module):
     def __init__(self, width=32, dim=64):
         super().__init__()
         self.trunk = _trunk(width)
-        self.head = nn.Sequential(nn.Linear(8 * width, 256), nn.ReLU(), nn.Linear(256, dim))
+        self.head = nn.Sequential(nn.Linear(8 * width, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, dim))
 
     def forward(self, x):
         return F.normalize(self.head(_pool(self.trunk(x))), dim=-1)
