@@ -9,7 +9,6 @@ text (the same text as the positive CLIPTextEncode), because a CONDITIONING carr
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from .nodes import guidance, introspect

@@ -83,5 +83,7 @@ def token_grid(extra_options: dict) -> tuple[int, int]:
 
 
 def latent_channels(model) -> int:
-    bm = base_model(model)
-    return int(bm.diffusion_model.input_blocks[0][0].weight.shape[1])
+    """Input channels of the UNet this model runs (its own conv_in object patch included)."""
+    get = getattr(model, "get_model_object", None)
+    conv = get("diffusion_model.input_blocks.0.0") if get else base_model(model).diffusion_model.input_blocks[0][0]
+    return int(conv.weight.shape[1])

@@ -165,11 +165,15 @@ def expand_model(model, extra: int = 1, weight: torch.Tensor | None = None, bias
                  replace: bool = False):
     """``model.clone()`` whose conv_in takes ``extra`` more channels (an object patch holding a NEW conv; the parent
     and its weights are untouched). With ``weight``/``bias`` the new conv gets those (trained) values instead."""
-    conv = base_model(model).diffusion_model.input_blocks[0][0]
-    current = model.get_model_object(CONV_IN)
-    if current is not conv and not replace:
+    import comfy.utils
+
+    # the checkpoint's own conv_in, even while another clone's expanded conv is installed in the shared model
+    # (ComfyUI applies object patches on load and keeps the originals in the shared object_patches_backup)
+    conv = model.object_patches_backup.get(CONV_IN) or comfy.utils.get_attr(model.model, CONV_IN)
+    if CONV_IN in model.object_patches and not replace:
         raise InputError("model", "a model whose first convolution has not been expanded yet",
-                         f"a model already expanded to {int(current.weight.shape[1])} input channels")
+                         f"a model already expanded to {int(model.object_patches[CONV_IN].weight.shape[1])} input "
+                         "channels")
     if weight is not None:
         extra = int(weight.shape[1]) - int(conv.weight.shape[1])
     m = model.clone()

@@ -155,7 +155,7 @@ def attention_blocks(unet, latent_hw) -> list[BlockKey]:
     3..8)."""
     from comfy.ldm.modules.attention import SpatialTransformer
 
-    keys, h = [], latent_hw[0]
+    keys = []
     res = {}
 
     def probe(name, bid, seq, factor):

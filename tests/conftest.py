@@ -2,8 +2,11 @@
 SD1.5/SDXL layouts, and one shared ComfyUI server for server-level tests."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # ComfyUI's sampler progress bars would fill the test log
 
 import pytest
 
@@ -14,7 +17,6 @@ from scripts import host  # noqa: E402
 host.bootstrap()
 sys.path.insert(0, str(REPO / "tests"))
 
-import torch  # noqa: E402
 
 import personalize  # noqa: E402,F401  (the pack, imported as a package through the import-root link)
 from scripts import models  # noqa: E402

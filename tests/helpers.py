@@ -21,3 +21,24 @@ def sample(model, positive, negative, latent=None, steps=3, cfg=5.0, seed=1, sam
         out = nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent,
                                     denoise=denoise, disable_noise=False)[0]
     return out["samples"].clone()
+
+
+def convert_example(name: str) -> dict:
+    """An example workflow converted to API format in-process, with /object_info built from the registered node
+    classes (the pack's and ComfyUI's core nodes) the way the server builds it."""
+    import json
+    from pathlib import Path
+
+    import nodes as comfy_nodes
+
+    import personalize
+    from scripts import workflow as wf
+
+    ui = json.loads((Path(__file__).resolve().parents[1] / "example_workflows" / name).read_text())
+    info = {}
+    for n in ui["nodes"]:
+        cls = personalize.NODE_CLASS_MAPPINGS.get(n["type"]) or comfy_nodes.NODE_CLASS_MAPPINGS.get(n["type"])
+        if cls is not None:
+            spec = cls.INPUT_TYPES()
+            info[n["type"]] = {"input": spec, "input_order": {k: list(v) for k, v in spec.items()}}
+    return wf.ui_to_api(ui, info)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_node, sample
+from helpers import convert_example, run_node, sample
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}
@@ -423,19 +423,7 @@ def test_text_encoder_lora_loads_completely_and_sdxl_keys_are_mapped(mods, photo
 def test_example_workflow_trains_then_samples_with_the_lora(pack):
     """example_workflows/dreambooth_lora.json converts (object_info built from the real node classes, as the server
     does) into: checkpoint -> trainer -> its MODEL and CLIP -> prompt 'a photo of sks dog on the beach' -> KSampler."""
-    import json
-
-    import nodes as comfy_nodes
-    from scripts import workflow as wf
-
-    ui = json.loads((REPO / "example_workflows" / "dreambooth_lora.json").read_text())
-    info = {}
-    for n in ui["nodes"]:
-        cls = pack.NODE_CLASS_MAPPINGS.get(n["type"]) or comfy_nodes.NODE_CLASS_MAPPINGS.get(n["type"])
-        if cls is not None:
-            spec = cls.INPUT_TYPES()
-            info[n["type"]] = {"input": spec, "input_order": {k: list(v) for k, v in spec.items()}}
-    api = wf.ui_to_api(ui, info)
+    api = convert_example("dreambooth_lora.json")
     by_type = {v["class_type"]: (k, v["inputs"]) for k, v in api.items()}
     tid, tr = by_type["PersonalizeDreamBoothLoRATrainer"]
     spec = pack.NODE_CLASS_MAPPINGS["PersonalizeDreamBoothLoRATrainer"].INPUT_TYPES()

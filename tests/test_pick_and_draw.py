@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import run_node, sample
+from helpers import convert_example, run_node, sample
 from personalize import pick_and_draw_nodes as P
 from personalize.nodes import guidance as G
 from personalize.nodes.errors import InputError
-from personalize.nodes.introspect import BlockKey, attention_module
+from personalize.nodes.introspect import attention_module
 from scripts.models import build_clip, build_model, build_vae
 
 PROMPT = "a photo of a sks dog on the beach"
@@ -225,20 +225,7 @@ def test_bad_inputs_name_the_input(tiny_sd15, clip, reference):
 def test_example_workflows_convert_with_the_defaults_and_build(name, pack, tiny_sd15, clip, reference):
     """The example workflows convert (object_info from the real node classes, as the server builds it); the guidance
     nodes ship their defaults; their widget values build patched models on the tiny model."""
-    import json
-    from pathlib import Path
-
-    import nodes as comfy_nodes
-    from scripts import workflow as wf
-
-    ui = json.loads((Path(__file__).resolve().parents[1] / "example_workflows" / name).read_text())
-    info = {}
-    for n in ui["nodes"]:
-        cls = pack.NODE_CLASS_MAPPINGS.get(n["type"]) or comfy_nodes.NODE_CLASS_MAPPINGS.get(n["type"])
-        if cls is not None:
-            spec = cls.INPUT_TYPES()
-            info[n["type"]] = {"input": spec, "input_order": {k: list(v) for k, v in spec.items()}}
-    api = wf.ui_to_api(ui, info)
+    api = convert_example(name)
     by_type = {v["class_type"]: (k, v["inputs"]) for k, v in api.items()}
     assert by_type["CheckpointLoaderSimple"][1]["ckpt_name"] == "personalize-random-sd15.safetensors"
     assert api[by_type["PersonalizePickAndDrawReference"][1]["image"][0]]["inputs"]["image"] == "example.png"

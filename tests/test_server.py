@@ -10,7 +10,6 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import pytest
 
 from scripts.server import free_port, get_json
 

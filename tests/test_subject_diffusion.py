@@ -550,3 +550,23 @@ def test_cli_trains_and_saves_loadable_weights(tmp_path):
     assert cli.main(["--random-tiny", "--steps", "1", "--warmup", "0", "--hidden", "64", "--out", str(out)]) == 0
     w = ad.load_weights(str(out))
     assert w.trained and w.steps == 1 and w.unet["input_blocks.0.0.weight"].shape[1] == 5
+
+
+def test_expanding_again_while_an_expanded_clone_is_loaded(tiny_sd15):
+    """ComfyUI installs a clone's object patches into the shared model on load and leaves them there after sampling;
+    a second prompt expanding the (unexpanded) parent must still work, and expanding an expanded model must not."""
+    import comfy.model_management as mm
+
+    from personalize.nodes import introspect
+
+    exp = run_node(sdn.ExpandInputChannels, model=tiny_sd15)[0]
+
+    mm.load_models_gpu([exp])  # the expanded conv is now installed in the shared BaseModel
+    assert introspect.base_model(tiny_sd15).diffusion_model.input_blocks[0][0].weight.shape[1] == 5
+    again = run_node(sdn.ExpandInputChannels, model=tiny_sd15)[0]
+    assert again.object_patches[loc.CONV_IN].weight.shape[1] == 5
+    assert introspect.latent_channels(tiny_sd15) == 4 and introspect.latent_channels(again) == 5
+    with pytest.raises(InputError, match="not yet expanded.*got 5 input channels"):
+        run_node(sdn.ExpandInputChannels, model=again)
+    mm.load_models_gpu([tiny_sd15])  # back to the plain conv for the tests that follow
+    assert introspect.base_model(tiny_sd15).diffusion_model.input_blocks[0][0].weight.shape[1] == 4
