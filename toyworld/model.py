@@ -56,8 +56,7 @@ def build_unet(state_dict: dict | None = None, device=None):
 
     bm = model_config().get_model({})
     if state_dict is not None:
-        missing, unexpected = bm.diffusion_model.load_state_dict(
-            {k: v.float() for k, v in state_dict.items()}, strict=True), None
+        bm.diffusion_model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     load = device if device is not None else mm.get_torch_device()
     return comfy.model_patcher.ModelPatcher(bm, load_device=load, offload_device=mm.unet_offload_device())
 
