@@ -18,29 +18,22 @@ SD1.5; naive guidance of half the steps ~2.4x plain; goal <= 2.0x.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "benchmarks"
 
-from scripts import host  # noqa: E402
+from benchmarks.common import add_sampling_args, device, resolution, timed  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--families", default="sd15")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
+    p = add_sampling_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), families="sd15")
     p.add_argument("--end-percent", type=float, default=0.5, help="guided range is [0, end)")
-    p.add_argument("--tiny", action="store_true", help="tiny models (smoke test), small latents")
-    p.add_argument("--cpu", action="store_true")
     p.add_argument("--variants", default="appearance_renoise,appearance_ddim,layout,both_renoise,both_ddim")
     a = p.parse_args(argv)
-    host.bootstrap(cpu=a.cpu)
+    cuda = device(a, f"guided [0, {a.end_percent})")
     import torch
 
     import comfy.model_management as mm
@@ -48,13 +41,9 @@ def main(argv=None):
     from personalize.nodes import guidance as G
     from scripts import models
 
-    dev = mm.get_torch_device()
-    cuda = dev.type == "cuda"
-    print(f"device: {torch.cuda.get_device_name(dev) if cuda else 'cpu'}; torch {torch.__version__}; "
-          f"steps {a.steps}; guided [0, {a.end_percent}); {'tiny' if a.tiny else 'full-size'} random weights")
     print(f"{'family':6} {'res':>5} {'variant':19} {'seconds':>8} {'ratio':>6} {'peak GiB':>9} {'guided':>6}")
     for fam in a.families.split(","):
-        res = (64 if fam == "sd15" else 128) if a.tiny else (512 if fam == "sd15" else 1024)
+        res = resolution(fam, a.tiny)
         dtype = torch.float16 if cuda else torch.float32
         with torch.inference_mode():  # weights as inference tensors, like a checkpoint loaded by a node
             model = models.build_model(fam, tiny=a.tiny, seed=0)
@@ -93,22 +82,12 @@ def main(argv=None):
         variants["plain_again"] = model  # plain is timed first and last: the ratio uses the faster of the two
         rows = []
         for name, m in variants.items():
-            times = []
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            for r in range(a.repeats + 1):
-                latent = {"samples": torch.zeros(1, 4, lat, lat)}
-                if cuda:
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
+            def run(m=m):
                 with torch.inference_mode():
-                    nodes.common_ksampler(m, 1, a.steps, 5.0, "euler", "normal", pos, neg, latent)
-                if cuda:
-                    torch.cuda.synchronize()
-                if r > 0:
-                    times.append(time.perf_counter() - t)
-            sec = statistics.median(times)
-            peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+                    nodes.common_ksampler(m, 1, a.steps, 5.0, "euler", "normal", pos, neg,
+                                          {"samples": torch.zeros(1, 4, lat, lat)})
+
+            sec, peak = timed(run, a.repeats, cuda)
             guided = 0 if name.startswith("plain") else len(G.LAST_RUN_LOG)
             rows.append((name, sec, peak, guided))
         base_time = min(sec for name, sec, _, _ in rows if name.startswith("plain"))

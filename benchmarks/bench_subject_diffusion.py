@@ -14,42 +14,30 @@ The adapters are zero-initialised (the cost of a trained adapter is the same: th
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "benchmarks"
 
-from scripts import host  # noqa: E402
+from benchmarks.common import add_sampling_args, device, resolution, timed  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--families", default="sd15,sdxl")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--tiny", action="store_true", help="tiny models (smoke test), small latents")
-    p.add_argument("--cpu", action="store_true")
+    p = add_sampling_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     a = p.parse_args(argv)
-    host.bootstrap(cpu=a.cpu)
+    cuda = device(a, "")
     import torch
 
-    import comfy.model_management as mm
     import nodes
     from personalize.nodes import adapters as ad
     from personalize.nodes import location as loc
     from scripts import models
 
-    dev = mm.get_torch_device()
-    cuda = dev.type == "cuda"
-    print(f"device: {torch.cuda.get_device_name(dev) if cuda else 'cpu'}; torch {torch.__version__}; "
-          f"steps {a.steps}; {'tiny' if a.tiny else 'full-size'} random weights")
     print(f"{'family':6} {'res':>5} {'variant':10} {'seconds':>8} {'ratio':>6} {'peak GiB':>9}")
     for fam in a.families.split(","):
-        res = (64 if fam == "sd15" else 128) if a.tiny else (512 if fam == "sd15" else 1024)
+        res = resolution(fam, a.tiny)
         model = models.build_model(fam, tiny=a.tiny, seed=0)
         if cuda:
             model.model.diffusion_model.to(torch.float16)
@@ -72,24 +60,12 @@ def main(argv=None):
         }
         base = None
         for name, m in variants.items():
-            def run():
+            def run(m=m):
                 with torch.inference_mode():
                     nodes.common_ksampler(m, 1, a.steps, 7.5, "euler", "normal", pos, neg, lat)
 
-            run()  # warm-up (loads the model)
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(a.repeats):
-                t = time.perf_counter()
-                run()
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
-            sec = statistics.median(times)
+            sec, peak = timed(run, a.repeats, cuda)
             base = base or sec
-            peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
             print(f"{fam:6} {res:5d} {name:10} {sec:8.3f} {sec / base:6.2f} {peak:9.2f}", flush=True)
 
 
