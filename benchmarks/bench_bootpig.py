@@ -21,7 +21,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "benchmarks"
 
-from benchmarks.common import add_sampling_args, device, resolution, timed  # noqa: E402
+from benchmarks.common import add_sampling_args, device, resolution, time_sampling  # noqa: E402
 
 
 def main(argv=None):
@@ -32,7 +32,6 @@ def main(argv=None):
     import torch
 
     import comfy.model_management as mm
-    import nodes
     from personalize.nodes.reference_attention import ReferenceSet, RSASettings, apply_rsa
     from scripts import models
 
@@ -67,12 +66,7 @@ def main(argv=None):
         }
         base_time = None
         for name, m in variants.items():
-            def run(m=m):
-                with torch.inference_mode():
-                    nodes.common_ksampler(m, 1, a.steps, 5.0, "euler", "normal", pos, neg,
-                                          {"samples": torch.zeros(1, 4, lat, lat)})
-
-            sec, peak = timed(run, a.repeats, cuda)
+            sec, peak = time_sampling(m, a, cuda, pos, neg, (lat, lat))
             base_time = base_time or sec
             print(f"{fam:6} {res:5d} {name:13} {sec:8.3f} {sec / base_time:6.2f} {peak:9.2f}", flush=True)
         del variants, sep_model

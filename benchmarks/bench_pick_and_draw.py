@@ -25,7 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "benchmarks"
 
-from benchmarks.common import add_sampling_args, device, resolution, timed  # noqa: E402
+from benchmarks.common import add_sampling_args, device, resolution, time_sampling  # noqa: E402
 
 
 def main(argv=None):
@@ -37,7 +37,6 @@ def main(argv=None):
     import torch
 
     import comfy.model_management as mm
-    import nodes
     from personalize.nodes import guidance as G
     from scripts import models
 
@@ -82,12 +81,7 @@ def main(argv=None):
         variants["plain_again"] = model  # plain is timed first and last: the ratio uses the faster of the two
         rows = []
         for name, m in variants.items():
-            def run(m=m):
-                with torch.inference_mode():
-                    nodes.common_ksampler(m, 1, a.steps, 5.0, "euler", "normal", pos, neg,
-                                          {"samples": torch.zeros(1, 4, lat, lat)})
-
-            sec, peak = timed(run, a.repeats, cuda)
+            sec, peak = time_sampling(m, a, cuda, pos, neg, (lat, lat))
             guided = 0 if name.startswith("plain") else len(G.LAST_RUN_LOG)
             rows.append((name, sec, peak, guided))
         base_time = min(sec for name, sec, _, _ in rows if name.startswith("plain"))

@@ -21,7 +21,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "benchmarks"
 
-from benchmarks.common import add_sampling_args, device, resolution, timed  # noqa: E402
+from benchmarks.common import add_sampling_args, device, resolution, time_sampling  # noqa: E402
 
 
 def main(argv=None):
@@ -30,7 +30,6 @@ def main(argv=None):
     cuda = device(a, "")
     import torch
 
-    import nodes
     from personalize.nodes import adapters as ad
     from personalize.nodes import location as loc
     from scripts import models
@@ -60,11 +59,7 @@ def main(argv=None):
         }
         base = None
         for name, m in variants.items():
-            def run(m=m):
-                with torch.inference_mode():
-                    nodes.common_ksampler(m, 1, a.steps, 7.5, "euler", "normal", pos, neg, lat)
-
-            sec, peak = timed(run, a.repeats, cuda)
+            sec, peak = time_sampling(m, a, cuda, pos, neg, (h, w), cfg=7.5)
             base = base or sec
             print(f"{fam:6} {res:5d} {name:10} {sec:8.3f} {sec / base:6.2f} {peak:9.2f}", flush=True)
 

@@ -53,3 +53,17 @@ def timed(run, repeats: int, cuda: bool) -> tuple[float, float]:
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
     return statistics.median(times), peak
+
+
+def time_sampling(model, a, cuda: bool, positive, negative, latent_hw: tuple[int, int], cfg: float = 5.0):
+    """``timed`` for one stock KSampler run (euler / normal, ``a.steps`` steps, seed 1) of ``model``."""
+    import torch
+
+    import nodes
+
+    def run():
+        with torch.inference_mode():
+            nodes.common_ksampler(model, 1, a.steps, cfg, "euler", "normal", positive, negative,
+                                  {"samples": torch.zeros(1, 4, *latent_hw)})
+
+    return timed(run, a.repeats, cuda)
