@@ -168,7 +168,9 @@ def real_renders(subject, prompts, seeds):
             sc = scenes.subject_scene(subject, rng, background=p["background"])
             size = "small" if "small" in p["prompt"] else "big" if " big " in p["prompt"] else ""
             if size:
-                sc = sc.__class__(**{**sc.__dict__, "scale": 0.32 if size == "small" else 0.58})
+                lo, hi = scenes.SCALE_RANGE   # the middle of the size word's range
+                sc = sc.__class__(**{**sc.__dict__, "scale": (lo + scenes.SMALL_BELOW) / 2 if size == "small"
+                                     else (scenes.BIG_ABOVE + hi) / 2})
             out.append(scenes.render(sc)[0])
     return torch.from_numpy(np.stack(out))
 

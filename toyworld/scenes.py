@@ -31,6 +31,8 @@ BACKGROUNDS = {
     "brick": "in front of a brick wall", "night": "under the night sky", "water": "on the water",
 }
 SIZE_WORDS = ("small", "big")
+SCALE_RANGE = (0.42, 0.78)  # subject diameter / image size: large enough that the 8x8 latent holds its shape
+SMALL_BELOW, BIG_ABOVE = 0.54, 0.66
 # emblem colours: a wider palette than the base colours
 EMBLEM_COLORS = dict(COLORS, pink=(245, 130, 190), cyan=(40, 200, 215), white=(245, 245, 245),
                      black=(25, 25, 25), brown=(120, 70, 35))
@@ -61,7 +63,7 @@ class Scene:
     pattern: str = "plain"
     cx: float = 0.5
     cy: float = 0.55
-    scale: float = 0.45      # subject diameter as a fraction of the image
+    scale: float = 0.6       # subject diameter as a fraction of the image
     angle: float = 0.0       # degrees
     flip: bool = False
     bg_seed: int = 0
@@ -69,7 +71,7 @@ class Scene:
 
     @property
     def size_word(self) -> str:
-        return "small" if self.scale < 0.36 else "big" if self.scale > 0.54 else ""
+        return "small" if self.scale < SMALL_BELOW else "big" if self.scale > BIG_ABOVE else ""
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,8 @@ def sample_scene(rng: np.random.Generator, emblem: Emblem | None = None, cls: st
         background=background or list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
         color=list(COLORS)[rng.integers(len(COLORS))],
         pattern=PATTERNS[rng.integers(len(PATTERNS))],
-        cx=float(rng.uniform(0.3, 0.7)), cy=float(rng.uniform(0.38, 0.68)),
-        scale=float(rng.uniform(0.3, 0.62)), angle=float(rng.uniform(-20, 20)), flip=bool(rng.random() < 0.5),
+        cx=float(rng.uniform(0.32, 0.68)), cy=float(rng.uniform(0.42, 0.6)),
+        scale=float(rng.uniform(*SCALE_RANGE)), angle=float(rng.uniform(-20, 20)), flip=bool(rng.random() < 0.5),
         bg_seed=int(rng.integers(2**31)), emblem=emblem)
 
 
@@ -180,7 +182,7 @@ def subject_references(subject: Subject, n: int = 4, size: int = SIZE):
     out = []
     for k in range(n):
         sc = subject_scene(subject, rng, background=bgs[(start + 2 * k) % len(bgs)])
-        sc = dataclasses.replace(sc, scale=float(rng.uniform(0.45, 0.62)))   # references show the subject large
+        sc = dataclasses.replace(sc, scale=float(rng.uniform(0.6, 0.74)))   # references show the subject large
         out.append((*render(sc, size), sc))
     return out
 
