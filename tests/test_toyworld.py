@@ -184,9 +184,8 @@ def test_trained_model_prompts_are_recognizable(toy, scorers):
     pf = scorers.prompt_fidelity(torch.cat(imgs), cls_, bgs)
     print(f"\ngenerated (24 images, 10 euler steps, cfg 5): background {pf['background']:.2f}, class {pf['class']:.2f} "
           f"(chance 0.17 each)")
-    # the shipped model (575 UNet steps on a shared CPU) learned backgrounds (and colour words), not yet class shapes:
-    # background must be recognized well above chance; the class rate is reported, not asserted
-    assert pf["background"] >= 0.4
+    # shipped model: background 1.00, class 0.71 here (docs/toyworld.md); both must stay far above chance
+    assert pf["background"] >= 0.8 and pf["class"] >= 0.45
 
 
 # ------------------------------------------------------------------------------------------------ example workflows
@@ -239,5 +238,6 @@ def test_example_workflows_convert_and_run_on_the_toy_model(name):
             n["inputs"]["steps"] = 4
         if n["class_type"] == "PersonalizeToyWorldLoader" and not TRAINED:
             n["inputs"]["source"] = "random (untrained)"
-    (images,) = _run_api(api)
-    assert images.shape == (4, 64, 64, 3) and torch.isfinite(images).all()
+    saved = _run_api(api)   # the generations (batch 4); the BootPIG workflow also saves its 4 reference renders
+    assert len(saved) == (2 if "bootpig" in name else 1)
+    assert all(images.shape == (4, 64, 64, 3) and torch.isfinite(images).all() for images in saved)
