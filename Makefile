@@ -1,15 +1,18 @@
 # Personalize: the two commands a fresh machine needs.
-#   make demo   set up the host and run the example workflow headless (the main job)
+#   make demo   set up the host and run the example workflow headless on the toy world's model (the main job)
 #   make test   set up the host and run the tests
 #   make bench-quality   the toy DreamBench quality table (BENCH_ARGS=--quick for a short run)
+#   make demo-sd15       the BootPIG workflow on a generated full-size SD1.5 checkpoint (random weights: noise images)
 PY := .venv/bin/python
-DEMO_WORKFLOW ?= example_workflows/bootpig_reference.json
+# the pack's own trained toy model (weights/toyworld): text to image, 4 images of one prompt
+DEMO_WORKFLOW ?= example_workflows/toyworld_txt2img.json
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
-# small and short so that the demo finishes on a CPU; override for a real checkpoint on a GPU
-DEMO_ARGS ?= --set EmptyLatentImage.width=128 --set EmptyLatentImage.height=128 --set KSampler.steps=4 \
+# small and short so that it finishes on a CPU; override for a real checkpoint on a GPU
+SD15_ARGS ?= --set EmptyLatentImage.width=128 --set EmptyLatentImage.height=128 --set KSampler.steps=4 \
 	--set PersonalizeBootPIGReferenceEncoder.resolution=128
 
-.PHONY: setup demo test checkpoint bench-quality clean
+.PHONY: setup demo demo-sd15 test checkpoint bench-quality clean
 
 setup:
 	bash scripts/setup.sh
@@ -17,8 +20,11 @@ setup:
 checkpoint: setup
 	$(PY) -m scripts.make_checkpoint
 
-demo: checkpoint
+demo: setup
 	$(PY) -m scripts.run_workflow $(DEMO_WORKFLOW) --output-dir output/demo $(DEMO_ARGS)
+
+demo-sd15: checkpoint
+	$(PY) -m scripts.run_workflow example_workflows/bootpig_reference.json --output-dir output/demo-sd15 $(SD15_ARGS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
