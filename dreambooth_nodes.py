@@ -1,13 +1,13 @@
 """DreamBooth-LoRA (arXiv 2208.12242 with LoRA; papers.md §D): train a subject LoRA inside the graph.
 
-Thin node class over ``nodes/training.py`` (the loop, class images, resume) and ``nodes/lora.py`` (LoRA modules,
+Thin node class over ``nodes/dreambooth.py`` (the loop, class images, resume) and ``nodes/lora.py`` (LoRA modules,
 kohya-format keys). The same loop runs headless: ``python -m scripts.train_dreambooth``.
 """
 from __future__ import annotations
 
 import os
 
-from .nodes import training
+from .nodes import dreambooth
 from .nodes.errors import require
 
 CATEGORY = "personalize/DreamBooth"
@@ -121,13 +121,13 @@ class DreamBoothLoRATrainer:
                 "text_encoder_lr": ("FLOAT", {"default": 5e-6, "min": 1e-8, "max": 1.0, "step": 1e-6, "round": False,
                                               "tooltip": "Learning rate of the text-encoder LoRA (diffusers SDXL "
                                                          "script: 5e-6)."}),
-                "targets": (list(training.lora.UNET_TARGETS), {
+                "targets": (list(dreambooth.lora.UNET_TARGETS), {
                     "default": "attention",
                     "tooltip": "UNet layers with LoRA. attention: to_q/k/v/out (diffusers' DreamBooth-LoRA). "
                                "transformer: every linear / 1x1 conv in the transformer blocks (kohya)."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute activations in "
                                                                                     "backward: less memory, slower."}),
-                "training_dtype": (list(training.TRAINING_DTYPES), {
+                "training_dtype": (list(dreambooth.TRAINING_DTYPES), {
                     "default": "auto", "tooltip": "Compute precision (LoRA weights stay fp32). auto: fp32 on CPU, "
                                                   "bf16 (or fp16 with loss scaling) autocast on GPU."}),
                 "class_steps": ("INT", {"default": 50, "min": 1, "max": 1000,
@@ -161,9 +161,9 @@ class DreamBoothLoRATrainer:
         require(isinstance(class_noun, str), "class_noun", "a word such as dog", repr(class_noun))
         if "{class}" in instance_prompt + class_prompt:
             require(class_noun.strip() != "", "class_noun", "a class noun to fill {class} in the prompts", "empty")
-        cfg = training.TrainConfig(
-            instance_prompt=training.fill_class(instance_prompt, class_noun),
-            class_prompt=training.fill_class(class_prompt, class_noun), num_class_images=int(num_class_images),
+        cfg = dreambooth.TrainConfig(
+            instance_prompt=dreambooth.fill_class(instance_prompt, class_noun),
+            class_prompt=dreambooth.fill_class(class_prompt, class_noun), num_class_images=int(num_class_images),
             prior_loss_weight=float(prior_loss_weight), rank=int(rank), alpha=float(alpha),
             learning_rate=float(learning_rate), text_encoder_lr=float(text_encoder_lr), steps=int(steps),
             batch_size=int(batch_size), resolution=int(resolution), seed=int(seed),
@@ -171,14 +171,14 @@ class DreamBoothLoRATrainer:
             gradient_checkpointing=bool(gradient_checkpointing), training_dtype=training_dtype,
             checkpoint_every=int(checkpoint_every), class_steps=int(class_steps), class_cfg=float(class_cfg),
             class_sampler=class_sampler)
-        training.validate_config(cfg)
-        name = training.sanitize_save_name(save_name)
-        path = training.save_path_for(_loras_dir(), name, bool(overwrite))
-        result = training.train(model, clip, vae, instance_images, cfg, path, _class_cache_dir(),
+        dreambooth.validate_config(cfg)
+        name = dreambooth.sanitize_save_name(save_name)
+        path = dreambooth.save_path_for(_loras_dir(), name, bool(overwrite))
+        result = dreambooth.train(model, clip, vae, instance_images, cfg, path, _class_cache_dir(),
                                 overwrite=bool(overwrite), resume=bool(resume), on_step=_progress(cfg.steps),
                                 check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
         new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, result.lora_sd, 1.0, 1.0)
-        return (new_model, new_clip, name + ".safetensors", training.loss_curve_image(result.losses))
+        return (new_model, new_clip, name + ".safetensors", dreambooth.loss_curve_image(result.losses))
 
 
 def _samplers() -> list[str]:

@@ -12,7 +12,7 @@ Random full-size weights (scripts/models.py); nothing is downloaded. Rows:
   AdamW (torch defaults), clip_grad_norm 1.0, ``loss.detach().item()`` logged every step;
 - ``diffusers+peft``: the same with diffusers' UNet2DConditionModel and PEFT's ``add_adapter`` when both libraries
   are installed (skipped otherwise; they are not dependencies of the pack);
-- ``personalize <dtype>``: ``nodes.training.train`` (latents and text embeddings computed once, fused AdamW, losses
+- ``personalize <dtype>``: ``nodes.dreambooth.train`` (latents and text embeddings computed once, fused AdamW, losses
   synced every 10 steps, pinned host->device copies).
 
 Prints steps/s (after --warmup steps), ms/step, ratio to the reference and the peak GPU memory of each run.
@@ -99,11 +99,11 @@ def reference_loop(model, clip, vae, pixels, tokens, steps, warmup, cuda, rank=4
     """diffusers train_dreambooth_lora.py, with_prior_preservation, batch 1 + 1 class image, fp16 mixed precision."""
     import torch
 
-    from personalize.nodes import lora, training
+    from personalize.nodes import dreambooth, lora
 
     bm = model.model
     dev = model.load_device
-    names = training.unet_layer_names(model, "attention")
+    names = dreambooth.unet_layer_names(model, "attention")
     unet = lora.trainable_copy(bm.diffusion_model)
     g = torch.Generator().manual_seed(0)
     params = []
@@ -203,7 +203,7 @@ def main(argv=None):
     import torch
 
     import comfy.model_management as mm
-    from personalize.nodes import training
+    from personalize.nodes import dreambooth
     from scripts import models
 
     dev = mm.get_torch_device()
@@ -260,11 +260,11 @@ def main(argv=None):
         def on_step(step, total, *_):
             stamps[step] = time.perf_counter()
 
-        cfg = training.TrainConfig(steps=a.steps, resolution=res, num_class_images=1, class_steps=2, rank=4,
+        cfg = dreambooth.TrainConfig(steps=a.steps, resolution=res, num_class_images=1, class_steps=2, rank=4,
                                    alpha=4.0, learning_rate=1e-4, batch_size=1, training_dtype=dt, checkpoint_every=0)
         reset_peak(cuda)
         with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-            training.train(model, clip, vae, list(pixels[:1]), cfg, f"{tmp}/bench.safetensors", None,
+            dreambooth.train(model, clip, vae, list(pixels[:1]), cfg, f"{tmp}/bench.safetensors", None,
                            overwrite=True, on_step=on_step)
         first = min((s for s in stamps if s >= max(1, warm)), default=min(stamps))
         last = max(stamps)

@@ -8,7 +8,7 @@
 - ``attention``           patch-object base, attention kernels, attn1 feature collector
 - ``reference_attention`` Reference Self-Attention engine (BootPIG); ``bootpig_weights`` its weights format
 - ``guidance``            training-free latent guidance engine (Pick-and-Draw)
-- ``lora``, ``training``  LoRA modules in kohya format and the DreamBooth training loop
+- ``lora``, ``dreambooth``  LoRA modules in kohya format and the DreamBooth training loop
 - ``trainable``           helpers for training inside ComfyUI (out-of-place CLIP layers)
 - ``location``, ``adapters``, ``sam``, ``subject_training``  Subject-Diffusion: location channel and conv_in
                           expansion, gated adapters and MLPs, SAM masks, its trainer

@@ -53,7 +53,7 @@ def parse_args(argv=None):
 
 
 def _config_class():
-    from personalize.nodes.training import TrainConfig  # after host.bootstrap()
+    from personalize.nodes.dreambooth import TrainConfig  # after host.bootstrap()
 
     return TrainConfig
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     import torch
     import torch.distributed as dist
 
-    from personalize.nodes import training
+    from personalize.nodes import dreambooth
     from personalize.nodes.errors import InputError
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -113,17 +113,17 @@ def main(argv=None) -> int:
 
         out_dir = a.output_dir or folder_paths.get_folder_paths("loras")[0]
         cache = a.class_cache or os.path.join(folder_paths.get_output_directory(), "personalize_class_images")
-        cfg = training.TrainConfig(
-            instance_prompt=training.fill_class(a.instance_prompt, a.class_noun),
-            class_prompt=training.fill_class(a.class_prompt, a.class_noun),
+        cfg = dreambooth.TrainConfig(
+            instance_prompt=dreambooth.fill_class(a.instance_prompt, a.class_noun),
+            class_prompt=dreambooth.fill_class(a.class_prompt, a.class_noun),
             train_text_encoder=a.train_text_encoder, gradient_checkpointing=a.gradient_checkpointing,
             **{k: getattr(a, k) for k in ("num_class_images", "prior_loss_weight", "rank", "alpha", "learning_rate",
                                           "text_encoder_lr", "steps", "batch_size", "resolution", "seed",
                                           "checkpoint_every", "class_steps", "class_cfg", "class_sampler",
                                           "class_scheduler", "class_batch", "training_dtype", "targets")})
-        training.validate_config(cfg)
-        path = training.save_path_for(out_dir, a.save_name, a.overwrite)
-        images = training.load_image_dir(a.images, "--images")
+        dreambooth.validate_config(cfg)
+        path = dreambooth.save_path_for(out_dir, a.save_name, a.overwrite)
+        images = dreambooth.load_image_dir(a.images, "--images")
         model, clip, vae = load_models(a)
         t0 = time.time()
         every = max(1, cfg.steps // 20)
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
                 print(f"[dreambooth] step {step}/{total}  instance {inst:.4f}{extra}  {time.time() - t0:.1f}s",
                       file=sys.stderr, flush=True)
 
-        res = training.train(model, clip, vae, images, cfg, path, cache, overwrite=a.overwrite,
+        res = dreambooth.train(model, clip, vae, images, cfg, path, cache, overwrite=a.overwrite,
                              resume=not a.no_resume, on_step=on_step)
         if rank == 0:
             if res.resumed_from:

@@ -57,7 +57,7 @@ def dirs(tmp_path, monkeypatch):
 
 
 def cfg(**kw):
-    from personalize.nodes.training import TrainConfig
+    from personalize.nodes.dreambooth import TrainConfig
 
     base = dict(PROMPTS, num_class_images=2, class_steps=2, steps=6, resolution=64, learning_rate=1e-3,
                 checkpoint_every=0, seed=0)
@@ -104,12 +104,12 @@ def instance_loss(model, clip, vae, photos, prompt="a photo of sks dog"):
     """Noise-prediction MSE on the instance photos at fixed timesteps and noise, through ComfyUI's model
     (BaseModel.apply_model with the ModelPatcher's weight patches applied)."""
     import comfy.model_management as mm
-    from personalize.nodes import training
+    from personalize.nodes import dreambooth
 
     with torch.inference_mode():
         mm.load_models_gpu([model])
         bm = model.model
-        x0 = bm.process_latent_in(vae.encode(training.prepare_pixels(list(photos), 64)).float())
+        x0 = bm.process_latent_in(vae.encode(dreambooth.prepare_pixels(list(photos), 64)).float())
         cond = clip.encode_from_tokens(clip.tokenize(prompt))
         sigmas = model.get_model_object("model_sampling").sigmas
         g = torch.Generator().manual_seed(11)
@@ -200,11 +200,11 @@ def test_node_trains_saves_kohya_file_that_stock_loader_maps_completely(pack, mo
 
 def test_zero_up_lora_leaves_output_identical(mods, tmp_path):
     """A freshly initialised LoRA (kohya init: up = 0), saved and loaded by the stock loader, changes nothing."""
-    from personalize.nodes import lora, training
+    from personalize.nodes import dreambooth, lora
     from personalize.nodes.weights_io import save_atomic
 
     m, c, _ = mods
-    names = training.unet_layer_names(m, "transformer")
+    names = dreambooth.unet_layer_names(m, "transformer")
     copy = lora.trainable_copy(m.model.diffusion_model)
     sd = lora.state_dict(lora.inject(copy, names, 4, 4.0, seed=1))
     assert all(float(v.abs().max()) == 0 for k, v in sd.items() if k.endswith("lora_up.weight"))
@@ -219,15 +219,15 @@ def test_zero_up_lora_leaves_output_identical(mods, tmp_path):
 
 
 def test_prior_weight_zero_class_batch_has_no_effect_on_gradient(mods):
-    from personalize.nodes import training
+    from personalize.nodes import dreambooth
 
     m, c, _ = mods
     conf = cfg(rank=4)
-    names = training.unet_layer_names(m, "attention")
+    names = dreambooth.unet_layer_names(m, "attention")
     with torch.inference_mode():
-        conds = {k: training.encode_prompt(c, p)[:2] for k, p in (("inst", PROMPTS["instance_prompt"]),
+        conds = {k: dreambooth.encode_prompt(c, p)[:2] for k, p in (("inst", PROMPTS["instance_prompt"]),
                                                                     ("cls", PROMPTS["class_prompt"]))}
-    step, modules, params, _ = training.build_trainable(m, None, conf, names, {}, conds, {}, None)
+    step, modules, params, _ = dreambooth.build_trainable(m, None, conf, names, {}, conds, {}, None)
     with torch.no_grad():  # non-zero up weights so that every LoRA weight gets a gradient
         for p in params[1::2]:
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
@@ -243,7 +243,7 @@ def test_prior_weight_zero_class_batch_has_no_effect_on_gradient(mods):
                  "t": t[:1] if cls is None else t, "n_inst": 1, "n_cls": 0 if cls is None else 1}
         for p in params:
             p.grad = None
-        loss, li, lp = training.dreambooth_loss(step, batch, sigmas, False, weight, "cpu")
+        loss, li, lp = dreambooth.dreambooth_loss(step, batch, sigmas, False, weight, "cpu")
         loss.backward()
         return torch.cat([p.grad.flatten() for p in params]), li.item(), None if lp is None else lp.item()
 
@@ -265,13 +265,13 @@ def test_prior_weight_zero_class_batch_has_no_effect_on_gradient(mods):
 
 def test_interrupted_run_resumes_to_the_same_weights(pack, mods, photos, tmp_path):
     import comfy.model_management as mm
-    from personalize.nodes import training
+    from personalize.nodes import dreambooth
 
     m, c, v = mods
     conf = cfg(steps=7, checkpoint_every=3)
     cache = str(tmp_path / "cache")
     with torch.inference_mode():
-        full = training.train(m, c, v, photos, conf, str(tmp_path / "full.safetensors"), cache)
+        full = dreambooth.train(m, c, v, photos, conf, str(tmp_path / "full.safetensors"), cache)
 
     stop = {"at": 5}
 
@@ -281,14 +281,14 @@ def test_interrupted_run_resumes_to_the_same_weights(pack, mods, photos, tmp_pat
 
     path = str(tmp_path / "killed.safetensors")
     with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
-        training.train(m, c, v, photos, conf, path, cache, on_step=interrupt,
+        dreambooth.train(m, c, v, photos, conf, path, cache, on_step=interrupt,
                        check_interrupt=mm.throw_exception_if_processing_interrupted)
     mm.interrupt_current_processing(False)
-    assert not os.path.exists(path) and os.path.isfile(training.resume_path(path))
+    assert not os.path.exists(path) and os.path.isfile(dreambooth.resume_path(path))
     assert not list(tmp_path.glob(".tmp-*"))
     with torch.inference_mode():
-        resumed = training.train(m, c, v, photos, conf, path, cache)
-    assert resumed.resumed_from == 3 and not os.path.exists(training.resume_path(path))
+        resumed = dreambooth.train(m, c, v, photos, conf, path, cache)
+    assert resumed.resumed_from == 3 and not os.path.exists(dreambooth.resume_path(path))
     assert [s for s, *_ in resumed.losses] == list(range(1, 8))
     for k, a in full.lora_sd.items():
         assert torch.allclose(a, resumed.lora_sd[k], rtol=1e-5, atol=1e-7), k
@@ -297,20 +297,20 @@ def test_interrupted_run_resumes_to_the_same_weights(pack, mods, photos, tmp_pat
     # a resume file with other settings is refused with a clear message
     stop["at"] = 4
     with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
-        training.train(m, c, v, photos, conf, str(tmp_path / "other.safetensors"), cache, on_step=interrupt,
+        dreambooth.train(m, c, v, photos, conf, str(tmp_path / "other.safetensors"), cache, on_step=interrupt,
                        check_interrupt=mm.throw_exception_if_processing_interrupted)
     mm.interrupt_current_processing(False)
     from personalize.nodes.errors import InputError
 
     with torch.inference_mode(), pytest.raises(InputError, match="learning_rate"):
-        training.train(m, c, v, photos, cfg(steps=7, checkpoint_every=3, learning_rate=5e-4),
+        dreambooth.train(m, c, v, photos, cfg(steps=7, checkpoint_every=3, learning_rate=5e-4),
                        str(tmp_path / "other.safetensors"), cache)
 
 
 def test_torchrun_two_processes_match_one_process_with_doubled_batch(mods, tmp_path):
     from PIL import Image
 
-    from personalize.nodes import training
+    from personalize.nodes import dreambooth
 
     m, c, v = mods  # the CLI's --random-tiny 0 builds the same three models
     imgs = tmp_path / "photos"
@@ -331,7 +331,7 @@ def test_torchrun_two_processes_match_one_process_with_doubled_batch(mods, tmp_p
 
     # meanwhile: one process, batch 2 (same class cache key: same models, prompt, count, seed)
     with torch.inference_mode():
-        one = training.train(m, c, v, training.load_image_dir(str(imgs)),
+        one = dreambooth.train(m, c, v, dreambooth.load_image_dir(str(imgs)),
                              cfg(steps=steps, batch_size=2, learning_rate=1e-3),
                              str(tmp_path / "one.safetensors"), str(cache))
     out, err = proc.communicate(timeout=300)
@@ -349,7 +349,7 @@ def test_torchrun_two_processes_match_one_process_with_doubled_batch(mods, tmp_p
     # learning rate, so the tolerance is stated against the trained weights and against a run on other data
     trained = max(float(a.abs().max()) for k, a in one.lora_sd.items() if k.endswith("lora_up.weight"))
     with torch.inference_mode():
-        half = training.train(m, c, v, training.load_image_dir(str(imgs)), cfg(steps=steps, batch_size=1,
+        half = dreambooth.train(m, c, v, dreambooth.load_image_dir(str(imgs)), cfg(steps=steps, batch_size=1,
                               learning_rate=1e-3), str(tmp_path / "half.safetensors"), str(cache))
     d_ddp, d_half = maxdiff(one.lora_sd, ddp), maxdiff(one.lora_sd, half.lora_sd)
     assert trained > 1e-3
@@ -359,7 +359,7 @@ def test_torchrun_two_processes_match_one_process_with_doubled_batch(mods, tmp_p
 
 def test_bad_inputs_give_clear_errors(pack, mods, photos, dirs):
     from personalize import dreambooth_nodes as dn
-    from personalize.nodes import training
+    from personalize.nodes import dreambooth
     from personalize.nodes.errors import InputError
     from personalize.nodes.weights_io import save_atomic
 
@@ -374,7 +374,7 @@ def test_bad_inputs_give_clear_errors(pack, mods, photos, dirs):
         with pytest.raises(InputError, match="save_name"):
             run_node(dn.DreamBoothLoRATrainer, **node_inputs(mods, photos, save_name=bad))
     assert not list(dirs["tmp"].rglob("*evil*"))
-    assert training.sanitize_save_name("people/sks_dog.safetensors") == "people/sks_dog"
+    assert dreambooth.sanitize_save_name("people/sks_dog.safetensors") == "people/sks_dog"
 
     # an SDXL model with a resume file left by an SD1.5 run under the same name (own tiny SDXL: built under one
     # thread here, much faster than the session fixture built before this module's thread setting)
@@ -389,18 +389,18 @@ def test_bad_inputs_give_clear_errors(pack, mods, photos, dirs):
     assert not dirs["cache"].exists()
 
     with pytest.raises(InputError, match="'images'"):
-        training.load_image_dir(str(dirs["tmp"] / "nope"))
+        dreambooth.load_image_dir(str(dirs["tmp"] / "nope"))
 
 
 def test_text_encoder_lora_loads_completely_and_sdxl_keys_are_mapped(mods, photos, tmp_path):
     """train_text_encoder: lora_te_* keys that the stock loader maps onto CLIP; SDXL's kohya UNet keys all map too."""
     import comfy.lora
-    from personalize.nodes import training
+    from personalize.nodes import dreambooth
     from scripts import models
 
     m, c, v = mods
     with torch.inference_mode():
-        res = training.train(m, c, v, photos, cfg(steps=3, train_text_encoder=True, text_encoder_lr=1e-2,
+        res = dreambooth.train(m, c, v, photos, cfg(steps=3, train_text_encoder=True, text_encoder_lr=1e-2,
                                                    prior_loss_weight=0.0, targets="transformer"),
                              str(tmp_path / "te.safetensors"), None)
     te_keys = {k.rsplit(".", 2)[0] for k in res.lora_sd if k.startswith("lora_te_")}
@@ -415,7 +415,7 @@ def test_text_encoder_lora_loads_completely_and_sdxl_keys_are_mapped(mods, photo
         assert (clip2.encode_from_tokens(tokens) - c.encode_from_tokens(tokens)).abs().max() > 1e-5
 
     xl = models.build_model("sdxl", tiny=True, seed=0)
-    names = training.unet_layer_names(xl, "attention")
+    names = dreambooth.unet_layer_names(xl, "attention")
     key_map = comfy.lora.model_lora_keys_unet(xl.model, {})
     assert len(names) == 70 * 8 and all(k in key_map for k in names.values())
 
