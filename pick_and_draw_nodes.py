@@ -1,6 +1,6 @@
 """Pick-and-Draw nodes (arXiv 2401.16762): training-free appearance picking and layout drawing guidance.
 
-Thin node classes over the guidance engine in ``nodes/guidance.py`` (one backward pass per guided step over the sum
+Thin node classes over the guidance engine in ``nodes/pick_and_draw.py`` (one backward pass per guided step over the sum
 of the active losses). Chain: MODEL -> Appearance Picking Guidance -> Layout Drawing Guidance -> KSampler, or after a
 BootPIG RSA Patch / LoRA loader.
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .nodes import guidance, introspect
+from .nodes import introspect
+from .nodes import pick_and_draw as guidance
 from .nodes.errors import InputError, require
 from .nodes.images import as_batch, check_masks
 

@@ -37,7 +37,7 @@ def main(argv=None):
     import torch
 
     import comfy.model_management as mm
-    from personalize.nodes import guidance as G
+    from personalize.nodes import pick_and_draw as G
     from scripts import models
 
     print(f"{'family':6} {'res':>5} {'variant':19} {'seconds':>8} {'ratio':>6} {'peak GiB':>9} {'guided':>6}")

@@ -7,7 +7,7 @@
 - ``images``              reference preparation (subject on white, crop, pad square), latent fitting
 - ``attention``           patch-object base, attention kernels, attn1 feature collector
 - ``reference_attention`` Reference Self-Attention engine (BootPIG); ``bootpig_weights`` its weights format
-- ``guidance``            training-free latent guidance engine (Pick-and-Draw)
+- ``pick_and_draw``       training-free latent guidance engine of Pick-and-Draw
 - ``lora``, ``dreambooth``  LoRA modules in kohya format and the DreamBooth training loop
 - ``trainable``           helpers for training inside ComfyUI (out-of-place CLIP layers)
 - ``location``, ``adapters``, ``sam``, ``subject_training``  Subject-Diffusion: location channel and conv_in

@@ -6,7 +6,7 @@ import torch
 
 from helpers import convert_example, run_node, sample
 from personalize import pick_and_draw_nodes as P
-from personalize.nodes import guidance as G
+from personalize.nodes import pick_and_draw as G
 from personalize.nodes.errors import InputError
 from personalize.nodes.introspect import attention_module
 from scripts.models import build_clip, build_model, build_vae
