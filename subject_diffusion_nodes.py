@@ -4,8 +4,8 @@ Subject-Diffusion-shaped model from any SD checkpoint (new parts zero-initialise
 trains it, and runs it when weights exist.
 
 Thin node classes over ``nodes/``: the location channel and conv_in expansion in ``nodes/location.py``, adapters,
-MLPs and the weights format in ``nodes/adapters.py``, the trainer in ``nodes/subject_training.py``, SAM in
-``nodes/sam.py``.
+MLPs and the weights format in ``nodes/adapters.py``, the text fusion in ``nodes/text_fusion.py``, the trainer in
+``nodes/subject_training.py``, SAM in ``nodes/sam.py``.
 """
 from __future__ import annotations
 
@@ -231,30 +231,30 @@ class SubjectImagePrompt:
     CATEGORY = CATEGORY
 
     def encode(self, clip, clip_vision, weights, image, text, labels, mask=None):
-        from .nodes import subject_training as st
+        from .nodes import text_fusion as tf
 
         _check_weights(weights)
         if not weights.trained:
             raise InputError("weights", "TRAINED Subject-Diffusion weights (the image-prompt MLP must be trained)",
                              "untrained (zero-init) weights", "Train them with the Subject-Diffusion Trainer or "
                              "load a trained file with the Subject-Diffusion Weights Loader")
-        key = st.text_key(clip)
+        key = tf.text_key(clip)
         refs, _, _ = _references(image, mask)
         labs = [s.strip() for s in labels.split(",") if s.strip()]
         require(len(labs) == refs.shape[0], "labels", f"{refs.shape[0]} label(s), one per reference image",
                 f"{len(labs)}")
         _check_vision(weights, clip_vision)
-        ph = st.placeholder_id(clip, key)
-        width = st.token_width(clip)
+        ph = tf.placeholder_id(clip, key)
+        width = tf.token_width(clip)
         require(width == int(weights.config["text_width"]), "clip", f"a text encoder with {weights.config['text_width']}"
                 "-wide token embeddings (the one the weights were trained with)", f"width {width}")
-        prompt = text if text.count(st.PLACEHOLDER) == len(labs) else st.make_prompt(text, labs)
+        prompt = text if text.count(tf.PLACEHOLDER) == len(labs) else tf.make_prompt(text, labs)
         cls = clip_vision.encode_image(refs)["image_embeds"].float()
         mlp = weights.modules.text_mlp
         p = next(mlp.parameters())
         with torch.no_grad():
             emb = mlp(cls.to(p.device, p.dtype)).float().cpu()
-        fused, _ = st.fuse_tokens(clip.tokenize(prompt), key, ph, [emb[i] for i in range(emb.shape[0])])
+        fused, _ = tf.fuse_tokens(clip.tokenize(prompt), key, ph, [emb[i] for i in range(emb.shape[0])])
         out = clip.encode_from_tokens(fused, return_pooled=True, return_dict=True)
         cond = out.pop("cond")
         return ([[cond, out]],)

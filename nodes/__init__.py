@@ -10,6 +10,6 @@
 - ``pick_and_draw``       training-free latent guidance engine of Pick-and-Draw
 - ``lora``, ``dreambooth``  LoRA modules in kohya format and the DreamBooth training loop
 - ``trainable``           helpers for training inside ComfyUI (out-of-place CLIP layers)
-- ``location``, ``adapters``, ``sam``, ``subject_training``  Subject-Diffusion: location channel and conv_in
-                          expansion, gated adapters and MLPs, SAM masks, its trainer
+- ``location``, ``adapters``, ``text_fusion``, ``sam``, ``subject_training``  Subject-Diffusion: location channel and
+                          conv_in expansion, gated adapters and MLPs, image-into-text fusion, SAM masks, its trainer
 """
