@@ -16,7 +16,6 @@ from .nodes.reference_attention import FEATURE_MODES, POOLING_MODES, ReferenceSe
 
 CATEGORY = "personalize/BootPIG"
 REFERENCE_TYPE = "BOOTPIG_REFERENCE"
-NATIVE_RESOLUTION = {"sd15": 512, "sd2": 512, "sdxl": 1024}
 
 
 def _encode(vae, pixels: torch.Tensor) -> torch.Tensor:
@@ -63,7 +62,7 @@ class BootPIGReferenceEncoder:
         images = as_batch(images, "images")
         masks = check_masks(mask, images, "mask")
         require(resolution == 0 or resolution >= 64, "resolution", "0 (native) or at least 64", resolution)
-        size = resolution or NATIVE_RESOLUTION[fam]
+        size = resolution or introspect.NATIVE_RESOLUTION[fam]
         context = None
         if reference_conditioning is not None:
             require(isinstance(reference_conditioning, list) and len(reference_conditioning) > 0,

@@ -18,7 +18,6 @@ from .nodes.images import as_batch, check_masks
 
 CATEGORY = "personalize/PickAndDraw"
 REFERENCE_TYPE = "PICK_AND_DRAW_REFERENCE"
-NATIVE_RESOLUTION = {"sd15": 512, "sd2": 512, "sdxl": 1024}
 
 _RANGE_TIPS = {
     "start": "Sampling progress (0 = first step) at which this guidance starts.",
@@ -89,7 +88,7 @@ class PickAndDrawReference:
         images = images[:1]
         masks = check_masks(mask[:1] if mask is not None and mask.ndim == 3 else mask, images, "mask")
         require(resolution == 0 or resolution >= 64, "resolution", "0 (native) or at least 64", resolution)
-        size = resolution or NATIVE_RESOLUTION[fam]
+        size = resolution or introspect.NATIVE_RESOLUTION[fam]
         h, w = images.shape[1:3]
         s = size / max(h, w)
         nh, nw = max(8, int(round(h * s / 8)) * 8), max(8, int(round(w * s / 8)) * 8)

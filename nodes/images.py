@@ -22,21 +22,27 @@ def as_batch(images, input_name: str = "images") -> torch.Tensor:
     return images[..., :3]
 
 
-def check_masks(mask, images: torch.Tensor, input_name: str = "mask") -> torch.Tensor | None:
-    """MASK input ([B,H,W] or [H,W]) matched to the image batch: one mask per image, or one for all."""
+def check_masks(mask, images: torch.Tensor | None = None, input_name: str = "mask") -> torch.Tensor | None:
+    """MASK input ([B,H,W] or [H,W]) -> [B,H,W] float (None without a mask). With ``images`` the masks are matched to
+    the image batch: of the image size, one per image or one for all. Every mask must mark something (some pixel
+    above 0.5, the threshold every user of a mask applies)."""
     if mask is None:
         return None
+    require(isinstance(mask, torch.Tensor) and mask.ndim in (2, 3), input_name, "a MASK [B, H, W]",
+            tuple(getattr(mask, "shape", ())) or type(mask).__name__)
     if mask.ndim == 2:
         mask = mask.unsqueeze(0)
-    b, h, w = images.shape[:3]
-    require(tuple(mask.shape[-2:]) == (h, w), input_name, f"masks of the image size {h}x{w}",
-            f"{mask.shape[-2]}x{mask.shape[-1]}")
-    require(mask.shape[0] in (1, b), input_name, f"1 or {b} masks (one per reference image)", f"{mask.shape[0]}")
-    if mask.shape[0] == 1 and b > 1:
-        mask = mask.expand(b, h, w)
+    if images is not None:
+        b, h, w = images.shape[:3]
+        require(tuple(mask.shape[-2:]) == (h, w), input_name, f"masks of the image size {h}x{w}",
+                f"{mask.shape[-2]}x{mask.shape[-1]}")
+        require(mask.shape[0] in (1, b), input_name, f"1 or {b} masks (one per reference image)", f"{mask.shape[0]}")
+        if mask.shape[0] == 1 and b > 1:
+            mask = mask.expand(b, h, w)
     for i in range(mask.shape[0]):
-        if float(mask[i].max()) <= 0.0:
-            raise InputError(input_name, "a mask that marks the subject", f"an empty mask for image {i}")
+        if not bool((mask[i] > 0.5).any()):
+            raise InputError(input_name, "a mask that marks the subject (some pixels > 0.5)",
+                             f"an empty mask for image {i}")
     return mask
 
 

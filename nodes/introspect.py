@@ -6,6 +6,8 @@ from typing import NamedTuple
 from .errors import InputError
 
 FAMILY_NAMES = {"sd15": "SD1.5", "sd2": "SD2.x", "sdxl": "SDXL"}
+# the side (pixels) each family was trained at: the default size of references and training images
+NATIVE_RESOLUTION = {"sd15": 512, "sd2": 512, "sdxl": 1024}
 
 
 class BlockKey(NamedTuple):

@@ -75,21 +75,12 @@ def subject_map_from_box(box, height: int, width: int) -> torch.Tensor:
     return m
 
 
-def check_masks(mask: torch.Tensor | None, input_name: str = "mask") -> list[torch.Tensor]:
+def binary_masks(mask: torch.Tensor | None, input_name: str = "mask") -> list[torch.Tensor]:
     """MASK [B,H,W] or [H,W] -> list of binary [H,W] subject masks (1 = subject); empty masks are errors."""
-    if mask is None:
-        return []
-    if mask.ndim == 2:
-        mask = mask.unsqueeze(0)
-    require(mask.ndim == 3, input_name, "a MASK [subjects, H, W]", tuple(mask.shape))
-    out = []
-    for i in range(mask.shape[0]):
-        m = (mask[i].float() > 0.5).float()
-        if float(m.sum()) == 0.0:
-            raise InputError(input_name, "a mask that marks the subject (some pixels > 0.5)",
-                             f"an empty mask (subject {i})")
-        out.append(m)
-    return out
+    from .images import check_masks
+
+    mask = check_masks(mask, None, input_name)
+    return [] if mask is None else [(m.float() > 0.5).float() for m in mask]
 
 
 def location_channel(boxes, masks, latent_h: int, latent_w: int, factor: int = LATENT_FACTOR) -> torch.Tensor:
@@ -113,7 +104,7 @@ def build_channel(latent: torch.Tensor, boxes_text: str = "", mask: torch.Tensor
     boxes = parse_boxes(boxes_text, "boxes")
     for b in boxes:
         check_box(b, w * factor, h * factor, "boxes")
-    masks = check_masks(mask, "mask")
+    masks = binary_masks(mask, "mask")
     n = len(boxes) + len(masks)
     require(n > 0, "boxes", "at least one subject: a box 'x, y, w, h' or a mask", "no box and no mask")
     require(n <= MAX_SUBJECTS, "boxes", f"at most {MAX_SUBJECTS} subjects (boxes + masks), as Subject-Diffusion",

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from .attention import PatchValue
 from .errors import InputError, require
+from .forward_process import seeded_noise
 from .introspect import BlockKey, attention_module, base_model, token_grid, transformer_blocks
 
 SPEC_KEY = "personalize.pick_and_draw.spec"
@@ -564,8 +565,7 @@ def _reference_latent(term: AppearanceTerm, x: torch.Tensor) -> tuple[torch.Tens
 
 def _renoised(term, model, x, sigma: float) -> torch.Tensor:
     lat, _ = _reference_latent(term, x)
-    g = torch.Generator().manual_seed((int(term.seed) * 1000003 + int(round(sigma * 10000))) % (2 ** 63))
-    noise = torch.randn(lat.shape, generator=g).to(lat.device, lat.dtype)
+    noise = seeded_noise(lat.shape, term.seed, sigma, lat.device, lat.dtype)
     ms = model.model_sampling
     return ms.noise_scaling(torch.tensor([sigma], device=lat.device, dtype=lat.dtype).view(-1, 1, 1, 1), noise, lat)
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import PatchValue, attention, with_attn1_collector
+from .forward_process import seeded_noise
 from .images import fit_latent
 from .introspect import BlockKey, attention_module, transformer_blocks
 
@@ -148,9 +149,7 @@ class RunCache:
         return self
 
 
-def _noise(shape, seed: int, sigma: float, device, dtype):
-    g = torch.Generator().manual_seed((int(seed) * 1000003 + int(round(sigma * 10000))) % (2 ** 63))
-    return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+_noise = seeded_noise  # one formula for seeded noise per (seed, sigma): nodes/forward_process.py
 
 
 class RSAPatch(PatchValue):
