@@ -13,8 +13,6 @@
 """
 from __future__ import annotations
 
-import copy
-import itertools
 import math
 import re
 from typing import Iterable
@@ -36,23 +34,12 @@ TE_PREFIXES = {"sd15": {"clip_l": "lora_te"}, "sd2": {"clip_h": "lora_te"},
 
 
 def trainable_copy(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """New module objects over the same weights (cloned where they are inference tensors or need ``dtype``).
+    """New module objects over the same weights, all frozen (``requires_grad=False``): the pack's ``frozen_copy``
+    (``nodes/frozen_weights.py``; inference tensors aliased, not copied; cast only where ``dtype`` asks). The
+    original's parameters are not touched."""
+    from .frozen_weights import frozen_copy
 
-    Every parameter of the copy is frozen (``requires_grad=False``); the original's parameters are not touched."""
-    with torch.inference_mode(False):
-        memo: dict[int, object] = {}
-        for t in itertools.chain(module.parameters(), module.buffers()):
-            if id(t) in memo:
-                continue
-            data = t.detach()
-            cast = dtype is not None and data.is_floating_point() and data.dtype != dtype
-            if data.is_inference() or cast:
-                data = data.to(dtype) if cast else data.clone()
-                if data.is_inference():  # same-dtype .to() may return the tensor itself
-                    data = data.clone()
-            memo[id(t)] = torch.nn.Parameter(data, requires_grad=False) if isinstance(t, torch.nn.Parameter) else data
-        out = copy.deepcopy(module, memo)
-    return out
+    return frozen_copy(module, (), frozen_dtype=dtype)[0]
 
 
 class _LoRABase(torch.nn.Module):

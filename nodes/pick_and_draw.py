@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from .attention import PatchValue
 from .errors import InputError, require
 from .forward_process import seeded_noise
+from .frozen_weights import InferenceAlias, ParamAlias
 from .introspect import BlockKey, attention_module, base_model, token_grid, transformer_blocks
 
 SPEC_KEY = "personalize.pick_and_draw.spec"
@@ -360,62 +361,6 @@ def record(model, conds, x, timestep, model_options, keys, want_feats=(), plain=
 
 
 # ---------------------------------------------------------------------------------------------------- autograd
-def _alias(t: torch.Tensor) -> torch.Tensor:
-    """A normal (non-inference) tensor sharing ``t``'s storage: no copy."""
-    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(),
-                                                                 t.stride())
-
-
-class ParamAlias:
-    """While active, every inference-tensor parameter/buffer of ``module`` is swapped for a normal alias of the same
-    storage (restored on exit, the very same objects), so autograd can save weights for the backward to the latent.
-    Built per guided step: ~one Python pass over the parameters, no per-op cost, no copy."""
-
-    def __init__(self, module):
-        self.module = module
-        self.saved: list = []
-
-    def __enter__(self):
-        for mod in self.module.modules():
-            for store in (mod._parameters, mod._buffers):
-                for name, t in list(store.items()):
-                    if t is not None and t.is_inference():
-                        self.saved.append((store, name, t))
-                        a = _alias(t)
-                        store[name] = torch.nn.Parameter(a, requires_grad=False) if isinstance(
-                            t, torch.nn.Parameter) else a
-        return self
-
-    def __exit__(self, *exc):
-        for store, name, t in reversed(self.saved):
-            store[name] = t
-        self.saved.clear()
-        return False
-
-
-class InferenceAlias(torch.overrides.TorchFunctionMode):
-    """Fallback when some other inference tensor (not a parameter of the UNet, e.g. one held by another pack's patch)
-    reaches autograd: hands every torch op a normal alias of each inference-tensor argument (per-op Python cost)."""
-
-    def __init__(self):
-        super().__init__()
-        self.cache: dict = {}
-
-    def _swap(self, t):
-        if isinstance(t, torch.Tensor) and t.is_inference():
-            hit = self.cache.get(id(t))
-            if hit is None:
-                hit = self.cache[id(t)] = (_alias(t), t)
-            return hit[0]
-        return t
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        from torch.utils._pytree import tree_map
-
-        return func(*tree_map(self._swap, args), **tree_map(self._swap, kwargs))
-
-
 def _grad_forward(inner, conds, xg, t, model_options, keys, feat_keys, state: dict) -> Recording:
     """The guided forward with gradients: UNet parameters aliased out of inference mode; if another inference tensor
     still reaches autograd, retried once under the per-op InferenceAlias mode (kept for the rest of the step)."""
