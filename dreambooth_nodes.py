@@ -1,7 +1,8 @@
 """DreamBooth-LoRA (arXiv 2208.12242 with LoRA; papers.md §D): train a subject LoRA inside the graph.
 
-Thin node class over ``nodes/dreambooth.py`` (the loop, class images, resume) and ``nodes/lora.py`` (LoRA modules,
-kohya-format keys). The same loop runs headless: ``python -m scripts.train_dreambooth``.
+Thin node class over ``nodes/dreambooth.py`` (class images, the trainer; the loop is ``nodes/training_engine.py``)
+and ``nodes/lora.py`` (LoRA modules, kohya-format keys). The same loop runs headless:
+``python -m scripts.train_dreambooth``.
 """
 from __future__ import annotations
 
@@ -24,35 +25,6 @@ def _class_cache_dir() -> str:
     import folder_paths
 
     return os.path.join(folder_paths.get_output_directory(), CLASS_CACHE)
-
-
-def _progress(total: int):
-    """ComfyUI ProgressBar plus a text line with the current losses under the node (when a server runs)."""
-    import comfy.utils
-
-    pbar = comfy.utils.ProgressBar(total)
-    node_id = None
-    server = None
-    try:
-        from comfy_execution.utils import get_executing_context
-        from server import PromptServer
-
-        ctx = get_executing_context()
-        node_id = ctx.node_id if ctx is not None else None
-        server = getattr(PromptServer, "instance", None)
-    except Exception:  # noqa: BLE001  (headless use: no server module state)
-        pass
-
-    def on_step(step, total_, inst, prior):
-        pbar.update_absolute(step, total_)
-        text = f"step {step}/{total_}  instance loss {inst:.4f}" + ("" if prior is None else f"  prior loss {prior:.4f}")
-        if server is not None and node_id is not None and hasattr(server, "send_progress_text"):
-            try:
-                server.send_progress_text(text, node_id)
-            except Exception:  # noqa: BLE001
-                pass
-
-    return on_step
 
 
 class DreamBoothLoRATrainer:
@@ -175,7 +147,7 @@ class DreamBoothLoRATrainer:
         name = dreambooth.sanitize_save_name(save_name)
         path = dreambooth.save_path_for(_loras_dir(), name, bool(overwrite))
         result = dreambooth.train(model, clip, vae, instance_images, cfg, path, _class_cache_dir(),
-                                overwrite=bool(overwrite), resume=bool(resume), on_step=_progress(cfg.steps),
+                                overwrite=bool(overwrite), resume=bool(resume),
                                 check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
         new_model, new_clip = comfy.sd.load_lora_for_models(model, clip, result.lora_sd, 1.0, 1.0)
         return (new_model, new_clip, name + ".safetensors", dreambooth.loss_curve_image(result.losses))

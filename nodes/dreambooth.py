@@ -7,16 +7,20 @@ DistributedDataParallel:
   with ComfyUI's sampler (``comfy.sample.sample``), cached on disk under a hash of model + prompt + count + seed (+
   sampler settings), so a second run reuses them;
 - loss (diffusers' pairing, DreamBooth Eq. 2): one forward over [instance examples; class examples], the prediction
-  split in two, ``MSE(instance) + prior_loss_weight * MSE(class)``; DDPM noise on t ~ U{0..999}, eps or v target
-  from the model's own ``model_sampling``;
-- LoRA on a structural copy of the UNet (``lora.trainable_copy``): ComfyUI 0.3.75 loads weights as inference
-  tensors, which cannot take part in backward; the input model is never modified;
+  split in two, ``MSE(instance) + prior_loss_weight * MSE(class)``; t ~ U{0..999}, noise, noisy latent and the eps
+  or v target from the model's own ``model_sampling`` (``nodes/forward_process.py``), the UNet called through
+  ComfyUI's ``apply_model`` / ``extra_conds`` path (``training_engine.UNetCall``);
+- LoRA on a ``frozen_copy`` of the UNet (``nodes/frozen_weights.py``): new module objects over the model's own weight
+  storage, no second UNet in memory; the input model is never modified;
+- the loop is the pack's training engine (``nodes/training_engine.py``): AdamW, clipping, accumulation, mixed
+  precision, DDP, checkpoints every ``checkpoint_every`` steps and on cancel in ``<save>.resume``, exact resume,
+  progress, NaN stop;
 - determinism: everything random in step s (which examples, noise, timesteps) comes from generators seeded by
-  (seed, s) over the *global* batch; each DDP rank takes its slice. A resumed run therefore replays the exact
-  stream, and N ranks x batch b equals 1 rank x batch N*b up to float summation order;
-- checkpoints: ``<save>.resume`` (LoRA + AdamW state + step, safetensors format, written by ``save_atomic``) every
-  ``checkpoint_every`` steps; a rerun with the same save name and settings continues from it; the final kohya
-  file is written atomically and the resume file removed.
+  (seed, s) over the *global* batch; each DDP rank / accumulation micro-batch takes its part. A resumed run therefore
+  replays the exact stream, and N ranks x batch b equals 1 rank with N micro-batches of b (bit for bit) and 1 rank
+  with batch N*b (up to float summation order);
+- files: the final kohya file (and the class-image cache) through the engine's one save path (finite check, then
+  an atomic write); the resume file is removed at the end.
 """
 from __future__ import annotations
 
@@ -24,10 +28,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -36,13 +38,13 @@ import torch
 from . import introspect, lora
 from .trainable import out_of_place_clip
 from .errors import InputError, require
-from .weights_io import load as load_safetensors, save_atomic
+from .training_engine import TRAINING_DTYPES, save_file
+from .weights_io import load as load_safetensors
 
 LOG = logging.getLogger("personalize.dreambooth")
 FAMILY_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 MODELSPEC_ARCH = {"sd15": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
                   "sdxl": "stable-diffusion-xl-v1-base/lora"}
-TRAINING_DTYPES = ("auto", "fp32", "bf16", "fp16")
 RESUME_SUFFIX = ".resume"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -77,6 +79,7 @@ class TrainConfig:
     class_batch: int = 4
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    grad_accumulation: int = 1  # micro-batches per optimizer step: the global batch is batch_size x world x this
 
 
 @dataclass
@@ -178,7 +181,9 @@ def validate_config(cfg: TrainConfig) -> None:
             cfg.resolution)
     require(cfg.training_dtype in TRAINING_DTYPES, "training_dtype", f"one of {TRAINING_DTYPES}", cfg.training_dtype)
     require(cfg.targets in lora.UNET_TARGETS, "targets", f"one of {tuple(lora.UNET_TARGETS)}", cfg.targets)
-    require(cfg.checkpoint_every >= 0, "checkpoint_every", "0 (never) or a number of steps", cfg.checkpoint_every)
+    require(cfg.checkpoint_every >= 0, "checkpoint_every", "0 (only on interrupt) or a number of steps",
+            cfg.checkpoint_every)
+    require(cfg.grad_accumulation >= 1, "grad_accumulation", "at least 1", cfg.grad_accumulation)
     require("{class}" not in cfg.instance_prompt and "{class}" not in cfg.class_prompt, "instance_prompt",
             "prompts with {class} already filled in", cfg.instance_prompt)
 
@@ -293,8 +298,8 @@ def class_images(model, clip, vae, cfg: TrainConfig, latent_shape: tuple[int, in
         if path:
             pixels = vae.decode(latents).float().cpu().clamp(0, 1)
             pixels = pixels.reshape(-1, *pixels.shape[-3:])
-            save_atomic({"latents": latents, "images": (pixels * 255).round().to(torch.uint8)}, path,
-                        {"personalize.technique": "dreambooth class images", "key": key})
+            save_file({"latents": latents, "images": (pixels * 255).round().to(torch.uint8)}, path,
+                      {"personalize.technique": "dreambooth class images", "key": key}, "class images")
             _write_pngs(pixels, path[: -len(".safetensors")])
     if world > 1 and path is not None:
         barrier()
@@ -320,32 +325,27 @@ def _write_pngs(pixels: torch.Tensor, folder: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # the trainable step
 
-def _repeat_tokens(ctxs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Bring contexts of different token counts (long prompts) to one length the way ComfyUI batches conds:
-    repeat along tokens to the LCM (attention over k copies of every token is the same attention)."""
-    lens = [c.shape[1] for c in ctxs]
-    if len(set(lens)) == 1:
-        return ctxs
-    m = 1
-    for n in lens:
-        m = m * n // math.gcd(m, n)
-    return [c.repeat(1, m // c.shape[1], 1) for c in ctxs]
-
-
 class DreamBoothStep(torch.nn.Module):
-    """UNet copy with LoRA (+ optional text encoder copy with LoRA). ``forward(x_t, t, n_inst, n_cls)`` is the
-    prediction for a batch of ``n_inst`` instance rows followed by ``n_cls`` class rows."""
+    """The engine's module: the UNet (frozen weights aliased, LoRA wrappers) called through ComfyUI's own model path
+    (``training_engine.UNetCall``), plus the optional text-encoder copy with LoRA. ``forward(batch)`` is the loss of
+    a batch of ``n_inst`` instance rows followed by ``n_cls`` class rows (diffusers' pairing, DreamBooth Eq. 2):
+    ``MSE(instance) + prior_loss_weight * MSE(class)``, on the model's own target (eps or v)."""
 
-    def __init__(self, base_model, unet, te, texts, fixed, family, resolution, clip_layer=None):
+    def __init__(self, base_model, unet, te, texts, fixed, family, resolution, clip_layer=None,
+                 prior_loss_weight: float = 1.0):
         super().__init__()
+        from .training_engine import UNetCall
+
         self.unet = unet
         self.te = te
-        self._base = [base_model]  # not a submodule: its weights are not ours
+        self._call = [UNetCall(base_model, unet)]  # not a submodule: the shell shares the base model's modules
+        self.model_sampling = base_model.model_sampling
         self.texts = texts  # {"inst": tokens, "cls": tokens}
         self.fixed = fixed  # {"inst": (cond, pooled), "cls": (cond, pooled)} when the text encoder is frozen
         self.family = family
         self.resolution = resolution
         self.clip_layer = clip_layer
+        self.prior_loss_weight = float(prior_loss_weight)
 
     def _encode(self, which: str):
         if self.te is None:
@@ -356,22 +356,37 @@ class DreamBoothStep(torch.nn.Module):
         o = self.te.encode_token_weights(self.texts[which])
         return o[0], o[1]
 
-    def forward(self, x_t, t, n_inst: int, n_cls: int):
-        parts = [("inst", n_inst), ("cls", n_cls)]
-        encoded = [self._encode(w) for w, n in parts if n > 0]
-        counts = [n for _, n in parts if n > 0]
-        ctxs = _repeat_tokens([c for c, _ in encoded])
-        dev = x_t.device
-        context = torch.cat([c.to(dev).expand(n, -1, -1) for c, n in zip(ctxs, counts)])
-        y = None
+    def conditioning(self, which: str, device):
+        cond, pooled = self._encode(which)
+        extras = {"pooled_output": None if pooled is None else pooled.to(device)}
         if self.family == "sdxl":
-            bm = self._base[0]
             r = self.resolution
-            y = torch.cat([bm.encode_adm(pooled_output=p.to(dev), width=r, height=r, crop_w=0, crop_h=0,
-                                         target_width=r, target_height=r).to(dev).expand(n, -1)
-                           for (_, p), n in zip(encoded, counts)])
-        return self.unet(x_t, t.float(), context=context.to(x_t.dtype), y=None if y is None else y.to(x_t.dtype),
-                         transformer_options={})
+            extras.update(width=r, height=r, crop_w=0, crop_h=0, target_width=r, target_height=r)
+        return cond.to(device), extras
+
+    def predict(self, x_noisy, sigma, n_inst: int, n_cls: int):
+        """The network output (eps / v) for ``n_inst`` instance rows then ``n_cls`` class rows."""
+        parts = [(w, n) for w, n in (("inst", n_inst), ("cls", n_cls)) if n > 0]
+        conds = [self.conditioning(w, x_noisy.device) for w, _ in parts]
+        return self._call[0](x_noisy, sigma, conds, [n for _, n in parts])
+
+    def forward(self, batch: dict) -> dict:
+        from . import forward_process as fp
+        from .training_engine import to_device
+
+        dev = next(p for p in self.parameters() if p.requires_grad).device
+        x0 = to_device(batch["x0"], dev).float()
+        noise = to_device(batch["noise"], dev).float()
+        sigma = to_device(batch["sigma"], dev).float()
+        ms = self.model_sampling
+        pred = self.predict(fp.noisy(ms, sigma, x0, noise), sigma, batch["n_inst"], batch["n_cls"]).float()
+        target = fp.target(ms, sigma, x0, noise)
+        n_inst, n_cls = batch["n_inst"], batch["n_cls"]
+        inst = torch.nn.functional.mse_loss(pred[:n_inst], target[:n_inst])
+        if n_cls:
+            prior = torch.nn.functional.mse_loss(pred[n_inst:], target[n_inst:])
+            return {"loss": inst + self.prior_loss_weight * prior, "instance": inst, "prior": prior}
+        return {"loss": inst, "instance": inst}
 
 
 def _checkpointed(module: torch.nn.Module) -> None:
@@ -415,10 +430,11 @@ class _Stream:
 
 
 def step_batch(step: int, cfg: TrainConfig, inst: torch.Tensor, cls: torch.Tensor | None, sigmas: torch.Tensor,
-               world: int, rank: int, streams) -> dict:
-    """The global batch of step ``step`` (deterministic in (seed, step)), sliced for ``rank``."""
+               parts: int, part: int, streams) -> dict:
+    """Part ``part`` of ``parts`` of the global batch of step ``step`` (deterministic in (seed, step)); a part is
+    ``cfg.batch_size`` instance rows (+ as many class rows), the global batch ``parts`` times that."""
     b = cfg.batch_size
-    B = b * world
+    B = b * parts
     g = torch.Generator().manual_seed(_mix(cfg.seed, 7, step))
     ii = streams[0].take(step * B, B)
     x_inst = inst[ii]
@@ -431,95 +447,55 @@ def step_batch(step: int, cfg: TrainConfig, inst: torch.Tensor, cls: torch.Tenso
         x0 = x_inst
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, sigmas.shape[0], (x0.shape[0],), generator=g)
-    lo, hi = rank * b, (rank + 1) * b
+    lo, hi = part * b, (part + 1) * b
     keep = torch.cat([torch.arange(lo, hi), torch.arange(B + lo, B + hi)]) if n_cls else torch.arange(lo, hi)
-    return {"x0": x0[keep], "noise": noise[keep], "t": t[keep], "n_inst": b, "n_cls": b if n_cls else 0}
+    return {"x0": x0[keep], "noise": noise[keep], "t": t[keep], "sigma": sigmas[t[keep]], "n_inst": b,
+            "n_cls": b if n_cls else 0}
 
 
-def dreambooth_loss(step_module, batch: dict, sigmas: torch.Tensor, v_prediction: bool, prior_loss_weight: float,
-                    device, autocast_dtype=None):
-    """(total, instance MSE, prior MSE or None). DDPM forward process from the model's own sigmas:
-    alpha_bar = 1 / (1 + sigma^2); x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps."""
-    x0 = _to_device(batch["x0"], device).float()
-    noise = _to_device(batch["noise"], device).float()
-    t = _to_device(batch["t"], device)
-    sig = sigmas.to(device, torch.float32)[t].view(-1, 1, 1, 1)
-    ab = 1.0 / (1.0 + sig * sig)
-    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-    target = ab.sqrt() * noise - (1 - ab).sqrt() * x0 if v_prediction else noise
-    n_inst, n_cls = batch["n_inst"], batch["n_cls"]
-    if autocast_dtype is not None:
-        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype):
-            pred = step_module(x_t, t, n_inst, n_cls)
-    else:
-        pred = step_module(x_t.to(_param_dtype(step_module)), t, n_inst, n_cls)
-    pred = pred.float()
-    inst_loss = torch.nn.functional.mse_loss(pred[:n_inst], target[:n_inst])
-    if n_cls:
-        prior = torch.nn.functional.mse_loss(pred[n_inst:], target[n_inst:])
-        return inst_loss + prior_loss_weight * prior, inst_loss, prior
-    return inst_loss, inst_loss, None
+class DreamBoothTrainer:
+    """The trainer the engine runs: the step module, the LoRA parameter groups, the batch stream."""
+
+    def __init__(self, module, params_unet, params_te, cfg: TrainConfig, inst, cls, sigmas):
+        from .training_engine import ParamGroup
+
+        self.module = module
+        self.groups = [ParamGroup("unet", params_unet, cfg.learning_rate)]
+        if params_te:
+            self.groups.append(ParamGroup("text_encoder", params_te, cfg.text_encoder_lr))
+        self.cfg, self.inst, self.cls, self.sigmas = cfg, inst, cls, sigmas
+        self.streams = (_Stream(inst.shape[0], cfg.seed, 1),
+                        _Stream(cls.shape[0], cfg.seed, 2) if cls is not None else None)
+
+    def param_groups(self):
+        return self.groups
+
+    def batch(self, step: int, part: int, parts: int) -> dict:
+        return step_batch(step, self.cfg, self.inst, self.cls, self.sigmas, parts, part, self.streams)
 
 
-def _to_device(x: torch.Tensor, device) -> torch.Tensor:
-    """Host -> GPU without a stream sync (a copy from pageable memory would wait for the queue to drain)."""
-    if torch.device(device).type == "cuda" and x.device.type == "cpu":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
+def engine_config(cfg: TrainConfig):
+    from .training_engine import EngineConfig
 
-
-def _param_dtype(m) -> torch.dtype:
-    m = getattr(m, "module", m)
-    for p in m.unet.parameters():
-        if not p.requires_grad and p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# distributed
-
-def dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    return EngineConfig(steps=cfg.steps, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8,
+                        max_grad_norm=cfg.max_grad_norm, grad_accumulation=cfg.grad_accumulation,
+                        training_dtype=cfg.training_dtype, checkpoint_every=cfg.checkpoint_every,
+                        log_every=SYNC_EVERY)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # resume files
 
 def resume_path(save_path: str) -> str:
-    return save_path[: -len(".safetensors")] + RESUME_SUFFIX
+    from .training_engine import checkpoint_path
+
+    return checkpoint_path(save_path)
 
 
 def check_resume_family(path: str, family: str) -> dict | None:
-    """Metadata of a resume file, or None; InputError if it was trained on another model family."""
-    if not os.path.isfile(path):
-        return None
-    from safetensors import safe_open
+    from .training_engine import check_resume_family as check
 
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001
-        raise InputError("save_name", "a readable resume checkpoint", f"{path}: {e}",
-                         hint="delete the .resume file or set resume to false") from e
-    theirs = meta.get("personalize.family")
-    if theirs != family:
-        raise InputError("model", f"an {introspect.FAMILY_NAMES.get(theirs, theirs)} model (the family the resume "
-                         f"checkpoint {os.path.basename(path)} was trained on)",
-                         f"an {introspect.FAMILY_NAMES[family]} model",
-                         hint="use another save_name, delete the .resume file or set resume to false")
-    return meta
+    return check(path, family)
 
 
 def _resume_signature(cfg: TrainConfig, family: str, world: int, data_fp: str) -> dict:
@@ -527,23 +503,12 @@ def _resume_signature(cfg: TrainConfig, family: str, world: int, data_fp: str) -
             "learning_rate", "text_encoder_lr", "resolution", "seed", "train_text_encoder", "targets",
             "training_dtype", "weight_decay", "max_grad_norm")
     sig = {k: getattr(cfg, k) for k in keep}
-    sig.update(family=family, global_batch=cfg.batch_size * world, data=data_fp)
+    sig.update(family=family, global_batch=cfg.batch_size * world * cfg.grad_accumulation, data=data_fp)
     return sig
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the loop
-
-def _autocast_dtype(name: str, device) -> torch.dtype | None:
-    dev = torch.device(device).type
-    if name == "fp32" or (name == "auto" and dev == "cpu"):
-        return None
-    if name == "bf16":
-        return torch.bfloat16
-    if name == "fp16":
-        return torch.float16
-    return torch.bfloat16 if (dev == "cuda" and torch.cuda.is_bf16_supported()) else torch.float16
-
+# the run
 
 def unet_layer_names(model, targets: str) -> dict[str, str]:
     bm = introspect.base_model(model)
@@ -552,25 +517,29 @@ def unet_layer_names(model, targets: str) -> dict[str, str]:
 
 def build_trainable(model, clip, cfg: TrainConfig, names: dict, te_names: dict, conds: dict, tokens: dict,
                     autocast_dtype=None):
-    """(DreamBoothStep, {kohya key: LoRA module}, UNet LoRA params, text-encoder LoRA params) over copies of the
-    model's UNet (and text encoder): the model and clip passed in are not modified."""
+    """(DreamBoothStep, {kohya key: LoRA module}, UNet LoRA params, text-encoder LoRA params). The step's UNet (and
+    text encoder) are ``frozen_copy``s: new module objects over the model's own weight storage (no copy), LoRA
+    wrappers on the copy only; the model and clip passed in are not modified."""
+    from .frozen_weights import frozen_copy
+
     fam = introspect.family(model, "model")
     bm = introspect.base_model(model)
     weight_dtype = torch.float32 if autocast_dtype is None else None
     with torch.inference_mode(False):
-        unet = lora.trainable_copy(bm.diffusion_model, weight_dtype)
+        unet, _ = frozen_copy(bm.diffusion_model, (), frozen_dtype=weight_dtype)
         unet_mods = lora.inject(unet, names, cfg.rank, cfg.alpha, cfg.seed)
         te, te_mods = None, {}
         if te_names:
             clip.load_model()
-            te = lora.trainable_copy(clip.cond_stage_model, weight_dtype)
+            te, _ = frozen_copy(clip.cond_stage_model, (), frozen_dtype=weight_dtype)
             te_mods = lora.inject(te, te_names, cfg.rank, cfg.alpha, _mix(cfg.seed, 1))
             out_of_place_clip(te)
         if cfg.gradient_checkpointing:
             _checkpointed(unet)
         fixed = {k: (c.float().clone(), None if p is None else p.float().clone()) for k, (c, p) in conds.items()}
         step_mod = DreamBoothStep(bm, unet, te, tokens, fixed, fam, cfg.resolution,
-                                  getattr(clip, "layer_idx", None) if clip is not None else None)
+                                  getattr(clip, "layer_idx", None) if clip is not None else None,
+                                  cfg.prior_loss_weight)
     modules = dict(unet_mods)
     modules.update(te_mods)
     params_unet = [p for m in unet_mods.values() for p in (m.lora_down, m.lora_up)]
@@ -578,16 +547,18 @@ def build_trainable(model, clip, cfg: TrainConfig, names: dict, te_names: dict, 
     return step_mod, modules, params_unet, params_te
 
 
-
 def train(model, clip, vae, images, cfg: TrainConfig, save_path: str, cache_dir: str | None = None, *,
           overwrite: bool = False, resume: bool = True,
           on_step: Callable[[int, int, float, float | None], None] | None = None,
-          check_interrupt: Callable[[], None] | None = None) -> TrainResult:
-    """Train a DreamBooth LoRA and write it (kohya format) to ``save_path``. Every input is validated before any
-    heavy work. Under torch.distributed each rank calls this with the same arguments; rank 0 writes files."""
+          check_interrupt: Callable[[], None] | None = None, progress: bool = True) -> TrainResult:
+    """Train a DreamBooth LoRA on the training engine and write it (kohya format) to ``save_path``. Every input is
+    validated before any heavy work. Under torch.distributed each rank calls this with the same arguments; rank 0
+    writes files."""
     import comfy.model_management as mm
 
-    rank, world = dist_info()
+    from . import training_engine as engine
+
+    rank, world = engine.dist_info()
     validate_config(cfg)
     images = as_image_list(images, "instance_images")
     fam = introspect.family(model, "model")
@@ -603,7 +574,8 @@ def train(model, clip, vae, images, cfg: TrainConfig, save_path: str, cache_dir:
         raise InputError("save_name", "a name that does not exist yet", save_path,
                          hint="choose another save_name or set overwrite to true")
     rpath = resume_path(save_path)
-    resume_meta = check_resume_family(rpath, fam) if resume else None
+    if resume:
+        check_resume_family(rpath, fam)
 
     with torch.inference_mode(False), torch.no_grad():
         # ---- data (no autograd: the frozen models may hold weights that require grad). Load the model first: clones
@@ -620,149 +592,42 @@ def train(model, clip, vae, images, cfg: TrainConfig, save_path: str, cache_dir:
         cache_file, cache_hit = None, False
         if cfg.prior_loss_weight > 0:
             cls_raw, cache_file, cache_hit = class_images(model, clip, vae, cfg, tuple(raw.shape[1:]), cache_dir,
-                                                          rank, world, _barrier)
+                                                          rank, world, engine.barrier)
             cls = bm.process_latent_in(cls_raw).float().clone()
 
     with torch.inference_mode(False), torch.enable_grad():
-        start = 0
-        losses: list = []
-        sig = _resume_signature(cfg, fam, world, data_fp)
-        state = None
-        if resume_meta is not None:
-            old = json.loads(resume_meta.get("personalize.signature", "{}"))
-            diff = sorted(k for k in set(old) | set(sig) if old.get(k) != sig.get(k))
-            if diff:
-                raise InputError("save_name", f"settings matching the resume checkpoint {os.path.basename(rpath)}",
-                                 "different " + ", ".join(diff),
-                                 hint="use another save_name, delete the .resume file or set resume to false")
-            state, _ = load_safetensors(rpath)
-            start = int(resume_meta["personalize.step"])
-            losses = [tuple(x) for x in json.loads(resume_meta.get("personalize.losses", "[]"))]
-            require(start < cfg.steps, "steps", f"more than the {start} steps already in the resume checkpoint",
-                    cfg.steps)
-
-        # ---- models
         mm.load_models_gpu([model], force_full_load=True)
         device = model.load_device
-        ac = _autocast_dtype(cfg.training_dtype, device)
+        ac = engine.autocast_dtype(cfg.training_dtype, device)
         step_mod, modules, params_unet, params_te = build_trainable(
             model, clip, cfg, names, te_names, {"inst": (cond_i, pooled_i), "cls": (cond_c, pooled_c)},
             {"inst": tok_i, "cls": tok_c}, ac)
-        groups = [{"params": params_unet, "lr": cfg.learning_rate}]
-        if params_te:
-            groups.append({"params": params_te, "lr": cfg.text_encoder_lr})
-        cuda = torch.device(device).type == "cuda"
-        opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8,
-                                **({"fused": True} if cuda else {}))
-        scaler = torch.amp.GradScaler(torch.device(device).type) if ac == torch.float16 else None
-        if state is not None:
-            lora.load_into(modules, {k[5:]: v for k, v in state.items() if k.startswith("lora.")}, "save_name")
-            _load_opt(opt, state, params_unet + params_te)
-        runner = step_mod
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+        from .forward_process import training_sigmas
 
-            frozen = [n for n, p in step_mod.named_parameters() if not p.requires_grad]
-            frozen += [n for n, _ in step_mod.named_buffers()]
-            DDP._set_params_and_buffers_to_ignore_for_model(step_mod, frozen)
-            runner = DDP(step_mod, device_ids=[device.index] if torch.device(device).type == "cuda" else None)
+        trainer = DreamBoothTrainer(step_mod, params_unet, params_te, cfg, inst, cls,
+                                    training_sigmas(model.get_model_object("model_sampling")))
 
-        ms = model.get_model_object("model_sampling")
-        sigmas = ms.sigmas.detach().float().cpu().clone()
-        import comfy.model_sampling as cms
+        def on_log(step, total, d):
+            if on_step is not None:
+                on_step(step, total, d["instance"], d.get("prior"))
 
-        vpred = isinstance(ms, cms.V_PREDICTION)
-        streams = (_Stream(inst.shape[0], cfg.seed, 1), _Stream(cls.shape[0], cfg.seed, 2) if cls is not None else None)
-        all_params = params_unet + params_te
-        sigmas_dev = sigmas.to(device)
-        t0 = time.time()
-        lazy = cuda  # on CPU a sync costs nothing: report every step
-        pending: list = []
-        for step in range(start, cfg.steps):
-            if check_interrupt is not None:
-                check_interrupt()
-            batch = step_batch(step, cfg, inst, cls, sigmas, world, rank, streams)
-            opt.zero_grad(set_to_none=True)
-            loss, li, lp = dreambooth_loss(runner, batch, sigmas_dev, vpred, cfg.prior_loss_weight, device, ac)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(all_params, cfg.max_grad_norm)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            done = step + 1
-            pending.append((done, li.detach(), None if lp is None else lp.detach()))
-            ckpt = bool(cfg.checkpoint_every) and done % cfg.checkpoint_every == 0 and done < cfg.steps
-            if not lazy or ckpt or done == cfg.steps or len(pending) >= SYNC_EVERY:
-                # one host sync (and one all_reduce) per flush, not per step: on a launch-bound GPU every .item()
-                # stalls the queue
-                for s_, li_v, lp_v in _flush(pending, world):
-                    losses.append((s_, li_v, lp_v))
-                    if on_step is not None:
-                        on_step(s_, cfg.steps, li_v, lp_v)
-                pending = []
-            if ckpt and rank == 0:
-                _save_resume(rpath, modules, opt, all_params, done, sig, losses, fam)
-        LOG.info("DreamBooth: %d steps in %.1fs", cfg.steps - start, time.time() - t0)
-
+        res = engine.run(trainer, engine_config(cfg), device, checkpoint=rpath,
+                         signature=_resume_signature(cfg, fam, world, data_fp), family=fam,
+                         technique="dreambooth-lora", resume=resume, on_log=on_log, check_interrupt=check_interrupt,
+                         progress=progress)
         sd = lora.state_dict(modules)
-        meta = training_metadata(cfg, fam, world, os.path.basename(save_path), start, cache_hit)
+        meta = training_metadata(cfg, fam, world, os.path.basename(save_path), res.resumed_from, cache_hit)
         if rank == 0:
-            save_atomic(sd, save_path, meta)
-            if os.path.exists(rpath):
-                os.unlink(rpath)
-        _barrier()
-        del runner, step_mod, opt
+            engine.save_file(sd, save_path, meta, "LoRA")
+        engine.remove_checkpoint(rpath)
+        engine.barrier()
+        del trainer, step_mod
         mm.soft_empty_cache()
-    return TrainResult(save_path, sd, meta, losses, start, cache_file, cache_hit)
+    losses = [(s, d["instance"], d.get("prior")) for s, d in res.losses]
+    return TrainResult(save_path, sd, meta, losses, res.resumed_from, cache_file, cache_hit)
 
 
 SYNC_EVERY = 10
-
-
-def _flush(pending: list, world: int) -> list:
-    """[(step, instance loss, prior loss or None)] as floats, averaged over ranks: one all_reduce, one sync."""
-    if not pending:
-        return []
-    has_prior = pending[0][2] is not None
-    x = torch.stack([torch.stack([a.float(), (b if has_prior else a).float()]) for _, a, b in pending])
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(x)
-        x = x / world
-    vals = x.cpu().tolist()
-    return [(s, v[0], v[1] if has_prior else None) for (s, _, _), v in zip(pending, vals)]
-
-
-def _save_resume(path, modules, opt, params, step, sig, losses, family) -> None:
-    tensors = {f"lora.{k}": v for k, v in lora.state_dict(modules).items()}
-    for i, p in enumerate(params):
-        st = opt.state.get(p, {})
-        for k in ("exp_avg", "exp_avg_sq"):
-            if k in st:
-                tensors[f"opt.{i}.{k}"] = st[k]
-        if "step" in st:
-            tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
-    meta = {"personalize.step": str(step), "personalize.signature": json.dumps(sig, sort_keys=True),
-            "personalize.losses": json.dumps(losses), "personalize.family": family,
-            "personalize.technique": "dreambooth-lora resume checkpoint"}
-    save_atomic(tensors, path, meta)
-
-
-def _load_opt(opt, state, params) -> None:
-    for i, p in enumerate(params):
-        if f"opt.{i}.exp_avg" not in state:
-            continue
-        opt.state[p] = {"exp_avg": state[f"opt.{i}.exp_avg"].to(p.device, p.dtype).clone(),
-                        "exp_avg_sq": state[f"opt.{i}.exp_avg_sq"].to(p.device, p.dtype).clone(),
-                        "step": state[f"opt.{i}.step"].reshape(()).clone()}
 
 
 def training_metadata(cfg: TrainConfig, family: str, world: int, name: str, resumed_from: int,
@@ -813,33 +678,8 @@ def training_metadata(cfg: TrainConfig, family: str, world: int, name: str, resu
 # loss curve
 
 def loss_curve_image(losses, width: int = 512, height: int = 256) -> torch.Tensor:
-    """IMAGE [1, H, W, 3]: instance loss (blue) and prior loss (orange) per step, raw (faint) and smoothed."""
-    import numpy as np
-    from PIL import Image, ImageDraw
+    """IMAGE [1, H, W, 3]: instance loss (blue) and prior loss (orange) per step (the engine's loss curve)."""
+    from .training_engine import loss_curve_image as curve
 
-    img = Image.new("RGB", (width, height), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    pad = 28
-    d.rectangle([pad, 8, width - 8, height - pad], outline=(160, 160, 160))
-    series = [([l[1] for l in losses], (40, 90, 200)),
-              ([l[2] for l in losses if l[2] is not None], (230, 130, 30))]
-    vals = [v for s, _ in series for v in s if v is not None and math.isfinite(v)]
-    if vals:
-        lo, hi = min(vals), max(vals)
-        hi = hi if hi > lo else lo + 1e-8
-        n = max(len(losses), 2)
-
-        def pt(i, v):
-            return (pad + (width - 8 - pad) * i / (n - 1), height - pad - (height - pad - 8) * (v - lo) / (hi - lo))
-
-        for s, col in series:
-            if len(s) < 2:
-                continue
-            faint = tuple(int(c + (255 - c) * 0.7) for c in col)
-            d.line([pt(i, v) for i, v in enumerate(s)], fill=faint, width=1)
-            k = max(1, len(s) // 20)
-            sm = [sum(s[max(0, i - k + 1): i + 1]) / len(s[max(0, i - k + 1): i + 1]) for i in range(len(s))]
-            d.line([pt(i, v) for i, v in enumerate(sm)], fill=col, width=2)
-        d.text((pad + 4, 10), f"instance loss (blue), prior loss (orange)   max {hi:.4g}", fill=(0, 0, 0))
-        d.text((pad + 4, height - pad + 6), f"step 1 .. {len(losses)}   min {lo:.4g}", fill=(0, 0, 0))
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).unsqueeze(0)
+    rows = [(s, {"instance": i} if p is None else {"instance": i, "prior": p}) for s, i, p in losses]
+    return curve(rows, ["instance", "prior"], width, height)

@@ -4,7 +4,8 @@
 at a noise level ``sigma`` make the noisy latent (``noise_scaling``), what the network sees (``calculate_input``,
 ``timestep``) and how its output becomes the clean latent (``calculate_denoised``). Training uses exactly these:
 
-- ``sample_sigmas``: one of the model's discrete training sigmas per row (uniform over its table, the DDPM t ~ U{0..T-1});
+- ``training_sigmas`` / ``sample_timesteps``: one of the model's discrete training sigmas per row (uniform over
+  its table: the DDPM t ~ U{0..T-1});
 - ``noisy``: ``noise_scaling(sigma, noise, x0)`` (x0 + sigma * noise for eps / v models);
 - ``target``: the network output that ``calculate_denoised`` turns back into x0 (eps for eps models, v for
   v-prediction models). ``calculate_denoised`` is affine in the output, so the target is read off two evaluations of
@@ -24,3 +25,57 @@ def seeded_noise(shape, seed: int, sigma: float, device, dtype) -> torch.Tensor:
     """Gaussian noise that depends only on (seed, sigma): the same reference gets the same noise at a step."""
     g = torch.Generator().manual_seed((int(seed) * 1000003 + int(round(float(sigma) * 10000))) % (2 ** 63))
     return torch.randn(tuple(shape), generator=g).to(device=device, dtype=dtype)
+
+
+def _col(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return sigma.reshape((-1,) + (1,) * (like.ndim - 1)).to(device=like.device, dtype=like.dtype)
+
+
+def coefficients(model_sampling, sigma: torch.Tensor, like: torch.Tensor) -> dict:
+    """Per-row coefficients of ComfyUI's (affine) maps, read off the model_sampling itself:
+    ``noise_scaling``: x = n_x0 * x0 + n_eps * noise + n_0;
+    ``calculate_denoised``: x0 = c_skip * x + c_out * out + c_0."""
+    s = _col(sigma, like)
+    zero, one = torch.zeros_like(s), torch.ones_like(s)
+    sig = sigma.reshape(-1).to(device=like.device, dtype=like.dtype)
+
+    def ns(noise, x0):
+        return model_sampling.noise_scaling(sig, noise.clone(), x0.clone())
+
+    def cd(out, x):
+        return model_sampling.calculate_denoised(sig, out.clone(), x.clone())
+
+    n_0, c_0 = ns(zero, zero), cd(zero, zero)
+    return {"n_x0": ns(zero, one) - n_0, "n_eps": ns(one, zero) - n_0, "n_0": n_0,
+            "c_skip": cd(zero, one) - c_0, "c_out": cd(one, zero) - c_0, "c_0": c_0}
+
+
+def noisy(model_sampling, sigma: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The noisy latent at ``sigma``: ComfyUI's ``noise_scaling`` (what its samplers do to start from a latent)."""
+    sig = sigma.reshape(-1).to(device=x0.device, dtype=x0.dtype)
+    return model_sampling.noise_scaling(sig, noise.clone(), x0.clone())
+
+
+def target(model_sampling, sigma: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The network output ``out`` with ``calculate_denoised(sigma, out, noisy(sigma, x0, noise)) == x0``: eps for
+    eps-prediction models, v for v-prediction ones. Expanded in (x0, noise) so that an eps target is the noise itself
+    up to one rounding, not a difference of nearly equal latents."""
+    c = coefficients(model_sampling, sigma, x0)
+    a = 1.0 - c["c_skip"] * c["n_x0"]
+    return (a * x0 - c["c_skip"] * c["n_eps"] * noise - c["c_skip"] * c["n_0"] - c["c_0"]) / c["c_out"]
+
+
+def output_from_denoised(model_sampling, sigma: torch.Tensor, denoised: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The network output behind ComfyUI's denoised value (``calculate_denoised`` inverted)."""
+    c = coefficients(model_sampling, sigma, denoised)
+    return (denoised - c["c_skip"] * x - c["c_0"]) / c["c_out"]
+
+
+def training_sigmas(model_sampling) -> torch.Tensor:
+    """The model's discrete training noise levels (DDPM t = 0..T-1 as sigmas), float32 on the CPU."""
+    return model_sampling.sigmas.detach().float().cpu().clone()
+
+
+def sample_timesteps(model_sampling, n: int, generator: torch.Generator) -> torch.Tensor:
+    """t ~ U{0..T-1} per row (the DDPM training distribution), from a seeded generator."""
+    return torch.randint(0, int(model_sampling.sigmas.shape[0]), (n,), generator=generator)

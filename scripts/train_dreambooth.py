@@ -44,7 +44,7 @@ def parse_args(argv=None):
     defaults = {f.name: f.default for f in fields(_config_class())}
     for name in ("num_class_images", "prior_loss_weight", "rank", "alpha", "learning_rate", "text_encoder_lr",
                  "steps", "batch_size", "resolution", "seed", "checkpoint_every", "class_steps", "class_cfg",
-                 "class_sampler", "class_scheduler", "class_batch", "training_dtype", "targets"):
+                 "class_sampler", "class_scheduler", "class_batch", "training_dtype", "targets", "grad_accumulation"):
         d = defaults[name]
         p.add_argument("--" + name.replace("_", "-"), type=type(d), default=d, help=f"default: {d}")
     p.add_argument("--train-text-encoder", action="store_true")
@@ -120,7 +120,8 @@ def main(argv=None) -> int:
             **{k: getattr(a, k) for k in ("num_class_images", "prior_loss_weight", "rank", "alpha", "learning_rate",
                                           "text_encoder_lr", "steps", "batch_size", "resolution", "seed",
                                           "checkpoint_every", "class_steps", "class_cfg", "class_sampler",
-                                          "class_scheduler", "class_batch", "training_dtype", "targets")})
+                                          "class_scheduler", "class_batch", "training_dtype", "targets",
+                                          "grad_accumulation")})
         dreambooth.validate_config(cfg)
         path = dreambooth.save_path_for(out_dir, a.save_name, a.overwrite)
         images = dreambooth.load_image_dir(a.images, "--images")

@@ -243,9 +243,12 @@ def test_prior_weight_zero_class_batch_has_no_effect_on_gradient(mods):
                  "t": t[:1] if cls is None else t, "n_inst": 1, "n_cls": 0 if cls is None else 1}
         for p in params:
             p.grad = None
-        loss, li, lp = dreambooth.dreambooth_loss(step, batch, sigmas, False, weight, "cpu")
-        loss.backward()
-        return torch.cat([p.grad.flatten() for p in params]), li.item(), None if lp is None else lp.item()
+        batch["sigma"] = sigmas[batch["t"]]
+        step.prior_loss_weight = weight
+        out = step(batch)
+        out["loss"].backward()
+        return (torch.cat([p.grad.flatten() for p in params]), out["instance"].item(),
+                out["prior"].item() if "prior" in out else None)
 
     with torch.inference_mode(False), torch.enable_grad():
         g0a, li0a, _ = grads(cls_a, 0.0)
@@ -263,7 +266,9 @@ def test_prior_weight_zero_class_batch_has_no_effect_on_gradient(mods):
     assert lp1a != pytest.approx(lp1b, rel=1e-3)
 
 
-def test_interrupted_run_resumes_to_the_same_weights(pack, mods, photos, tmp_path):
+def test_killed_and_cancelled_runs_resume_to_the_same_weights(pack, mods, photos, tmp_path):
+    """Kill (an exception mid-run: only the periodic checkpoint survives) and Cancel (ComfyUI's interrupt: the engine
+    checkpoints the steps done) both resume to exactly the weights and losses of the uninterrupted run."""
     import comfy.model_management as mm
     from personalize.nodes import dreambooth
 
@@ -272,45 +277,115 @@ def test_interrupted_run_resumes_to_the_same_weights(pack, mods, photos, tmp_pat
     cache = str(tmp_path / "cache")
     with torch.inference_mode():
         full = dreambooth.train(m, c, v, photos, conf, str(tmp_path / "full.safetensors"), cache)
-
-    stop = {"at": 5}
-
-    def interrupt(step, total, *_):
-        if step == stop["at"]:
-            mm.interrupt_current_processing(True)  # the Cancel button
-
-    path = str(tmp_path / "killed.safetensors")
-    with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
-        dreambooth.train(m, c, v, photos, conf, path, cache, on_step=interrupt,
-                       check_interrupt=mm.throw_exception_if_processing_interrupted)
-    mm.interrupt_current_processing(False)
-    assert not os.path.exists(path) and os.path.isfile(dreambooth.resume_path(path))
-    assert not list(tmp_path.glob(".tmp-*"))
-    with torch.inference_mode():
-        resumed = dreambooth.train(m, c, v, photos, conf, path, cache)
-    assert resumed.resumed_from == 3 and not os.path.exists(dreambooth.resume_path(path))
-    assert [s for s, *_ in resumed.losses] == list(range(1, 8))
-    for k, a in full.lora_sd.items():
-        assert torch.allclose(a, resumed.lora_sd[k], rtol=1e-5, atol=1e-7), k
     assert max(float(a.abs().max()) for k, a in full.lora_sd.items() if k.endswith("lora_up.weight")) > 1e-4
 
+    class Killed(Exception):
+        pass
+
+    def kill(step, total, *_):
+        if step == 5:
+            raise Killed()
+
+    def cancel(step, total, *_):
+        if step == 5:
+            mm.interrupt_current_processing(True)  # the Cancel button
+
+    for name, hook, exc, resumed_from in (("killed", kill, Killed, 3), ("cancelled", cancel,
+                                                                       mm.InterruptProcessingException, 5)):
+        path = str(tmp_path / f"{name}.safetensors")
+        with torch.inference_mode(), pytest.raises(exc):
+            dreambooth.train(m, c, v, photos, conf, path, cache, on_step=hook,
+                             check_interrupt=mm.throw_exception_if_processing_interrupted)
+        mm.interrupt_current_processing(False)
+        assert not os.path.exists(path) and os.path.isfile(dreambooth.resume_path(path))
+        assert not list(tmp_path.glob(".*.partial"))
+        with torch.inference_mode():
+            resumed = dreambooth.train(m, c, v, photos, conf, path, cache)
+        assert resumed.resumed_from == resumed_from, name
+        assert not os.path.exists(dreambooth.resume_path(path))
+        assert resumed.losses == full.losses, name
+        for k, a in full.lora_sd.items():
+            assert torch.equal(a, resumed.lora_sd[k]), (name, k)
+
     # a resume file with other settings is refused with a clear message
-    stop["at"] = 4
     with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
-        dreambooth.train(m, c, v, photos, conf, str(tmp_path / "other.safetensors"), cache, on_step=interrupt,
-                       check_interrupt=mm.throw_exception_if_processing_interrupted)
+        dreambooth.train(m, c, v, photos, conf, str(tmp_path / "other.safetensors"), cache, on_step=cancel,
+                         check_interrupt=mm.throw_exception_if_processing_interrupted)
     mm.interrupt_current_processing(False)
     from personalize.nodes.errors import InputError
 
     with torch.inference_mode(), pytest.raises(InputError, match="learning_rate"):
         dreambooth.train(m, c, v, photos, cfg(steps=7, checkpoint_every=3, learning_rate=5e-4),
-                       str(tmp_path / "other.safetensors"), cache)
+                         str(tmp_path / "other.safetensors"), cache)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(mods, photos, tmp_path, monkeypatch):
+    from personalize.nodes import dreambooth
+    from personalize.nodes.training_engine import TrainingError
+    from personalize.nodes.weights_io import load
+
+    m, c, v = mods
+    real = dreambooth.step_batch
+
+    def poisoned(step, *args, **kw):  # from step index 3 (the 4th step) on, the latents hold a NaN
+        b = real(step, *args, **kw)
+        if step >= 3:
+            b["x0"] = b["x0"].clone()
+            b["x0"][0, 0, 0, 0] = float("nan")
+        return b
+
+    monkeypatch.setattr(dreambooth, "step_batch", poisoned)
+    path = str(tmp_path / "nan.safetensors")
+    with torch.inference_mode(), pytest.raises(TrainingError, match=r"loss became nan at step 4.*last good "
+                                                                     r"checkpoint \(step 2\)"):
+        dreambooth.train(m, c, v, photos, cfg(steps=8, checkpoint_every=2), path, str(tmp_path / "cache"))
+    assert not os.path.exists(path)
+    sd, meta = load(dreambooth.resume_path(path))
+    assert meta["personalize.step"] == "2"
+    for f in tmp_path.rglob("*"):
+        if f.is_file() and (f.suffix in (".safetensors", ".resume") or f.name.endswith(".partial")):
+            assert not f.name.endswith(".partial"), f
+            assert all(bool(torch.isfinite(t).all()) for t in load(str(f))[0].values() if t.is_floating_point()), f
+
+
+def _ddp_cmd(imgs, out, cache, save_name, steps, extra=()):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "scripts.train_dreambooth", "--random-tiny", "0", "--images", str(imgs),
+            "--output-dir", str(out), "--class-cache", str(cache), "--save-name", save_name,
+            "--steps", str(steps), "--resolution", "64", "--num-class-images", "2", "--class-steps", "2",
+            "--learning-rate", "1e-3", "--batch-size", "1", "--checkpoint-every", "0", "--cpu", *extra]
+
+
+def subprocess_env() -> dict:
+    """The test's environment for a child process, minus the repo root on PYTHONPATH (the pack's ``nodes`` package
+    would shadow ComfyUI's ``nodes.py``); other entries (e.g. a stub folder) stay."""
+    keep = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if p and os.path.realpath(p) != os.path.realpath(REPO)]
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(keep))
+
+
+def rel_l2(x: dict, y: dict) -> float:
+    num = sum(float((x[k].double() - y[k].double()).pow(2).sum()) for k in x if not k.endswith(".alpha"))
+    den = sum(float(x[k].double().pow(2).sum()) for k in x if k.endswith("lora_up.weight"))
+    return (num / den) ** 0.5
 
 
 def test_torchrun_two_processes_match_one_process_with_doubled_batch(mods, tmp_path):
+    """2 processes x batch 1 (gloo) against one process with the same global batch of 2.
+
+    - against 1 process with 2 accumulated micro-batches of 1: the same per-row forwards, and gradients averaged as
+      (a + b) / 2 in both (DDP's all-reduce of a / 2 and b / 2, the engine's accumulation of a / 2 + b / 2, both exact
+      in binary floating point): equal to float32 rounding, asserted at 1e-6 of the trained weights;
+    - against 1 process with one forward of batch 2: the same mathematics, but a batch of 4 rows and a batch of 2 rows
+      round differently (~1e-6 relative in the gradients), and AdamW's per-element normalisation g / sqrt(v) turns
+      that into differences of a fraction of the learning rate in the few elements whose gradient sits at the
+      rounding floor. So the max element difference is a lottery (it depends on the ComfyUI version's class images);
+      the relative L2 difference over all LoRA weights is not: asserted < 1e-2 and 20x below what a run on other data
+      (batch 1) gives."""
     from PIL import Image
 
     from personalize.nodes import dreambooth
+    from personalize.nodes.weights_io import load
 
     m, c, v = mods  # the CLI's --random-tiny 0 builds the same three models
     imgs = tmp_path / "photos"
@@ -321,40 +396,34 @@ def test_torchrun_two_processes_match_one_process_with_doubled_batch(mods, tmp_p
         Image.fromarray(arr).save(imgs / f"{i}.png")
     cache = tmp_path / "cache"
     steps = 3
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "scripts.train_dreambooth", "--random-tiny", "0", "--images", str(imgs),
-           "--output-dir", str(tmp_path / "ddp"), "--class-cache", str(cache), "--save-name", "ddp",
-           "--steps", str(steps), "--resolution", "64", "--num-class-images", "2", "--class-steps", "2",
-           "--learning-rate", "1e-3", "--batch-size", "1", "--checkpoint-every", "0", "--cpu"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    # meanwhile: one process, batch 2 (same class cache key: same models, prompt, count, seed)
+    photos = dreambooth.load_image_dir(str(imgs))
+    with torch.inference_mode():  # class images sampled once, before the processes start (no race on the cache)
+        one = dreambooth.train(m, c, v, photos, cfg(steps=steps, batch_size=2), str(tmp_path / "one.safetensors"),
+                               str(cache))
+    proc = subprocess.Popen(_ddp_cmd(imgs, tmp_path / "ddp", cache, "ddp", steps), cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with torch.inference_mode():
-        one = dreambooth.train(m, c, v, dreambooth.load_image_dir(str(imgs)),
-                             cfg(steps=steps, batch_size=2, learning_rate=1e-3),
-                             str(tmp_path / "one.safetensors"), str(cache))
+        acc = dreambooth.train(m, c, v, photos, cfg(steps=steps, batch_size=1, grad_accumulation=2),
+                               str(tmp_path / "acc.safetensors"), str(cache))
+        half = dreambooth.train(m, c, v, photos, cfg(steps=steps, batch_size=1), str(tmp_path / "half.safetensors"),
+                                str(cache))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert out.strip().endswith("ddp.safetensors")
-    from personalize.nodes.weights_io import load
-
     ddp, meta = load(str(tmp_path / "ddp" / "ddp.safetensors"))
     assert meta["ss_num_processes"] == "2" and meta["ss_total_batch_size"] == "2"
     assert set(ddp) == set(one.lora_sd)
+
     def maxdiff(x, y):
         return max(float((x[k] - y[k]).abs().max()) for k in x)
 
-    # Adam turns float summation-order noise in near-zero gradient elements into differences of a fraction of the
-    # learning rate, so the tolerance is stated against the trained weights and against a run on other data
     trained = max(float(a.abs().max()) for k, a in one.lora_sd.items() if k.endswith("lora_up.weight"))
-    with torch.inference_mode():
-        half = dreambooth.train(m, c, v, dreambooth.load_image_dir(str(imgs)), cfg(steps=steps, batch_size=1,
-                              learning_rate=1e-3), str(tmp_path / "half.safetensors"), str(cache))
-    d_ddp, d_half = maxdiff(one.lora_sd, ddp), maxdiff(one.lora_sd, half.lora_sd)
     assert trained > 1e-3
-    assert d_ddp < 0.02 * trained, (d_ddp, trained)
-    assert d_half > 10 * d_ddp, (d_half, d_ddp)
+    d_acc, r_one, r_half = maxdiff(acc.lora_sd, ddp), rel_l2(one.lora_sd, ddp), rel_l2(one.lora_sd, half.lora_sd)
+    print(f"ddp vs accumulation: max {d_acc:.3g}; ddp vs batch 2: rel L2 {r_one:.3g} (max {maxdiff(one.lora_sd, ddp):.3g}"
+          f"); batch 1 vs batch 2: rel L2 {r_half:.3g}; trained {trained:.3g}")
+    assert d_acc <= 1e-6 * trained, (d_acc, trained)
+    assert r_one < 1e-2 and r_half > 20 * r_one, (r_one, r_half)
 
 
 def test_bad_inputs_give_clear_errors(pack, mods, photos, dirs):
@@ -445,5 +514,5 @@ def test_example_workflow_trains_then_samples_with_the_lora(pack):
 def test_cli_reports_bad_input(tmp_path):
     r = subprocess.run([sys.executable, "-m", "scripts.train_dreambooth", "--random-tiny", "0", "--images",
                         str(tmp_path), "--output-dir", str(tmp_path), "--save-name", "../x", "--cpu"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=""))
+                       cwd=REPO, capture_output=True, text=True, timeout=120, env=subprocess_env())
     assert r.returncode == 2 and "save_name" in r.stderr, r.stderr[-2000:]
