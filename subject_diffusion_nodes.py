@@ -439,8 +439,24 @@ class SubjectDiffusionTrainer:
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                                  "tooltip": "Seed of timesteps, noise and dropout."}),
                 "save_name": ("STRING", {"default": "subject_diffusion",
-                                         "tooltip": "File name in models/subject_diffusion/ (.safetensors added). "
-                                                    "Empty = do not save."}),
+                                         "tooltip": "File name in models/subject_diffusion/ (.safetensors added; "
+                                                    "sub/folders allowed, '..' not). Also names the resume "
+                                                    "checkpoint. Empty = do not save (and no resume)."}),
+            },
+            "optional": {
+                "overwrite": ("BOOLEAN", {"default": True, "tooltip": "Replace an existing file of that name. Off: "
+                                                                      "an existing name is an error."}),
+                "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from save_name's last checkpoint "
+                                                                   "(.resume file) when a run was cancelled or "
+                                                                   "killed."}),
+                "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 1000000,
+                                             "tooltip": "Write a resume checkpoint every N steps (0 = only when "
+                                                        "cancelled)."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                       "tooltip": "Training examples per step."}),
+                "training_dtype": (["auto", "fp32", "bf16", "fp16"], {
+                    "default": "auto", "tooltip": "Compute precision (trained weights stay fp32). auto: fp32 on CPU, "
+                                                  "bf16 (or fp16 with loss scaling) autocast on GPU."}),
             },
         }
 
@@ -453,15 +469,20 @@ class SubjectDiffusionTrainer:
 
     def train(self, model, clip, vae, clip_vision, weights, images, masks, captions, labels, subjects_per_image=1,
               steps=1000, learning_rate=3e-5, warmup_steps=1000, attention_loss_weight=0.01, seed=0,
-              save_name="subject_diffusion"):
+              save_name="subject_diffusion", overwrite=True, resume=True, checkpoint_every=100, batch_size=1,
+              training_dtype="auto"):
+        import comfy.model_management
+
         from .nodes import subject_training as st
-        from .nodes.weights_io import save_atomic
+        from .nodes import training_engine as engine
 
         _check_weights(weights)
         _check_vision(weights, clip_vision)
         require(isinstance(images, torch.Tensor) and images.ndim == 4, "images", "an IMAGE batch",
                 tuple(getattr(images, "shape", ())))
         n, s = int(images.shape[0]), int(subjects_per_image)
+        require(isinstance(masks, torch.Tensor) and masks.ndim in (2, 3), "masks", "a MASK batch",
+                tuple(getattr(masks, "shape", ())))
         if masks.ndim == 2:
             masks = masks.unsqueeze(0)
         require(masks.shape[0] == n * s, "masks", f"{n * s} masks ({n} images x {s} subjects, image-major)",
@@ -470,22 +491,30 @@ class SubjectDiffusionTrainer:
         labs = [[x.strip() for x in line.split(",") if x.strip()] for line in labels.splitlines() if line.strip()]
         require(len(caps) in (1, n), "captions", f"1 or {n} lines", len(caps))
         require(len(labs) in (1, n), "labels", f"1 or {n} lines", len(labs))
-        examples = [st.Example(images[i], masks[i * s:(i + 1) * s], caps[i % len(caps)], labs[i % len(labs)])
-                    for i in range(n)]
-        trainer = st.SubjectTrainer(model, clip, vae, clip_vision, weights, examples, lr=learning_rate,
-                                    attn_weight=attention_loss_weight, warmup=warmup_steps, seed=int(seed))
-        log = trainer.train(int(steps))
-        result = trainer.result()
-        lines = [f"step {i + 1}: loss {r['loss']:.5f} (mse {r['mse']:.5f}, attn {r['attn']:.5f})"
-                 for i, r in enumerate(log)]
+        path = None
         if save_name.strip():
             import folder_paths
 
-            name = save_name.strip()
-            name = name if name.endswith(".safetensors") else name + ".safetensors"
-            require(os.path.basename(name) == name, "save_name", "a file name without folders", save_name)
-            path = os.path.join(folder_paths.get_folder_paths("subject_diffusion")[0], name)
-            save_atomic(result.state_dict(), path, result.metadata())
+            path = engine.save_path_for(folder_paths.get_folder_paths("subject_diffusion")[0], save_name,
+                                        bool(overwrite))
+        examples = [st.Example(images[i], masks[i * s:(i + 1) * s], caps[i % len(caps)], labs[i % len(labs)])
+                    for i in range(n)]
+        trainer = st.SubjectTrainer(model, clip, vae, clip_vision, weights, examples, lr=learning_rate,
+                                    attn_weight=attention_loss_weight, warmup=warmup_steps, seed=int(seed),
+                                    batch_size=int(batch_size), training_dtype=training_dtype)
+        rpath = engine.checkpoint_path(path) if path else None
+        if rpath and resume:
+            engine.check_resume_family(rpath, trainer.family)
+        log = trainer.train(int(steps), checkpoint=rpath, checkpoint_every=int(checkpoint_every), resume=bool(resume),
+                            check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+        result = trainer.result()
+        lines = [f"step {i + 1}: loss {r['loss']:.5f} (mse {r['mse']:.5f}, attn {r['attn']:.5f})"
+                 for i, r in enumerate(log)]
+        if trainer.last_run.resumed_from:
+            lines.append(f"resumed from step {trainer.last_run.resumed_from}")
+        if path:
+            engine.save_file(result.state_dict(), path, result.metadata(), "Subject-Diffusion weights")
+            engine.remove_checkpoint(rpath)
             lines.append(f"saved {path}")
         return (ad.apply_unet(model, result), result, "\n".join(lines))
 

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -38,7 +37,8 @@ import torch
 from . import introspect, lora
 from .trainable import out_of_place_clip
 from .errors import InputError, require
-from .training_engine import TRAINING_DTYPES, save_file
+from .training_engine import (TRAINING_DTYPES, fingerprint, sanitize_save_name, save_file,  # noqa: F401
+                              save_path_for)
 from .weights_io import load as load_safetensors
 
 LOG = logging.getLogger("personalize.dreambooth")
@@ -95,34 +95,6 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------------------------------------------
 # inputs
-
-_BAD_CHARS = re.compile(r'[\x00-\x1f<>:"|?*\\]')
-
-
-def sanitize_save_name(name: str, input_name: str = "save_name") -> str:
-    """A relative name under models/loras (subfolders allowed), without extension; no traversal, no absolute path."""
-    require(isinstance(name, str) and name.strip() != "", input_name, "a non-empty file name", repr(name))
-    n = name.strip()
-    if n.lower().endswith(".safetensors"):
-        n = n[: -len(".safetensors")]
-    parts = n.split("/")
-    if (n.startswith(("/", "~")) or os.path.isabs(n) or _BAD_CHARS.search(n)
-            or any(p in ("", ".", "..") for p in parts) or any(p.startswith(".") for p in parts)):
-        raise InputError(input_name, "a plain file name under models/loras (letters, digits, _ - space, optional "
-                         "sub/folder), without '..', a leading '/', '\\' or any of <>:\"|?*", repr(name))
-    return n
-
-
-def save_path_for(directory: str, name: str, overwrite: bool, input_name: str = "save_name") -> str:
-    name = sanitize_save_name(name, input_name)
-    root = os.path.realpath(directory)
-    path = os.path.realpath(os.path.join(root, name + ".safetensors"))
-    require(os.path.commonpath([root, path]) == root, input_name, f"a name inside {root}", repr(name))
-    if os.path.exists(path) and not overwrite:
-        raise InputError(input_name, "a name that does not exist yet", f"{name}.safetensors (already in {root})",
-                         hint="choose another save_name or set overwrite to true")
-    return path
-
 
 def load_image_dir(directory: str, input_name: str = "images") -> list[torch.Tensor]:
     """Every image in a folder (sorted by name) as float [H, W, 3] tensors in 0..1."""
@@ -194,48 +166,6 @@ def fill_class(prompt: str, class_noun: str) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # fingerprints (cache keys, resume checks)
-
-def _fp_tensor(h, t: torch.Tensor) -> None:
-    t = t.detach()
-    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    if t.numel():
-        f = t.flatten()
-        h.update(f"{float(f.double().sum()):.10e}|{float(f.double().abs().sum()):.10e}|".encode())
-        h.update(f[:8].double().cpu().numpy().tobytes())
-
-
-def _fp_obj(h, obj, depth=0) -> None:
-    if depth > 6:
-        return
-    if isinstance(obj, torch.Tensor):
-        _fp_tensor(h, obj)
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            _fp_obj(h, o, depth + 1)
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            h.update(str(k).encode())
-            _fp_obj(h, obj[k], depth + 1)
-    elif isinstance(obj, (int, float, str, bool)) or obj is None:
-        h.update(repr(obj).encode())
-    else:
-        h.update(type(obj).__name__.encode())
-        w = getattr(obj, "weights", None)
-        if w is not None:
-            _fp_obj(h, w, depth + 1)
-
-
-def fingerprint(*objs) -> str:
-    h = hashlib.sha256()
-    for o in objs:
-        if isinstance(o, torch.nn.Module):
-            for k, v in o.state_dict().items():
-                h.update(k.encode())
-                _fp_tensor(h, v)
-        else:
-            _fp_obj(h, o)
-    return h.hexdigest()
-
 
 def model_fingerprint(model) -> str:
     """Weights of the UNet plus the patches registered on the ModelPatcher (e.g. LoRAs loaded before)."""

@@ -72,8 +72,10 @@ def output_from_denoised(model_sampling, sigma: torch.Tensor, denoised: torch.Te
 
 
 def training_sigmas(model_sampling) -> torch.Tensor:
-    """The model's discrete training noise levels (DDPM t = 0..T-1 as sigmas), float32 on the CPU."""
-    return model_sampling.sigmas.detach().float().cpu().clone()
+    """The model's discrete training noise levels (DDPM t = 0..T-1 as sigmas), float32 on the CPU (a normal tensor,
+    also when called under inference mode)."""
+    with torch.inference_mode(False):
+        return model_sampling.sigmas.detach().float().cpu().clone()
 
 
 def sample_timesteps(model_sampling, n: int, generator: torch.Generator) -> torch.Tensor:

@@ -48,13 +48,15 @@ def frozen_copy(module: torch.nn.Module, train: Iterable[str] | Callable[[str], 
             if name is not None and wanted(name):
                 data = t.detach().to(device=device, dtype=train_dtype if t.is_floating_point() else None,
                                      copy=True)
+                if data.is_inference():
+                    data = data.clone()
                 p = torch.nn.Parameter(data, requires_grad=True)
                 trainables[name] = p
                 memo[id(t)] = p
                 continue
             data = alias(t)
             cast = frozen_dtype is not None and data.is_floating_point() and data.dtype != frozen_dtype
-            if cast or (device is not None and data.device != torch.device(device)):
+            if cast or not _same_device(data.device, device):
                 data = data.to(device=device, dtype=frozen_dtype if cast else None)
             memo[id(t)] = torch.nn.Parameter(data, requires_grad=False) if isinstance(t, torch.nn.Parameter) else data
         out = copy.deepcopy(module, memo)
@@ -63,6 +65,13 @@ def frozen_copy(module: torch.nn.Module, train: Iterable[str] | Callable[[str], 
         raise KeyError(f"frozen_copy: no parameter named {missing[:3]}")
     out.train(False)
     return out, trainables
+
+
+def _same_device(have: torch.device, want) -> bool:
+    if want is None:
+        return True
+    want = torch.device(want)
+    return have.type == want.type and (want.index is None or have.index == want.index)
 
 
 def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -22,10 +22,12 @@ The forward process (noise, sigma, timestep, target, conditioning incl. SDXL's `
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -71,6 +73,7 @@ class Trainer:
     """What a trainer declares (duck-typed; subclassing is optional)."""
 
     module: torch.nn.Module
+    find_unused_parameters: bool = False   # True when a step may leave some trainables out of the graph (DDP)
 
     def param_groups(self) -> list[ParamGroup]:
         raise NotImplementedError
@@ -250,6 +253,78 @@ def check_signature(meta: dict, signature: dict, path: str, input_name: str = "s
                          hint=f"use another {input_name}, delete the .resume file or set resume to false")
 
 
+_BAD_CHARS = re.compile(r'[\x00-\x1f<>:"|?*\\]')
+
+
+def sanitize_save_name(name: str, input_name: str = "save_name") -> str:
+    """A relative name under a model folder (subfolders allowed), without extension; no traversal, no absolute
+    path."""
+    require(isinstance(name, str) and name.strip() != "", input_name, "a non-empty file name", repr(name))
+    n = name.strip()
+    if n.lower().endswith(".safetensors"):
+        n = n[: -len(".safetensors")]
+    parts = n.split("/")
+    if (n.startswith(("/", "~")) or os.path.isabs(n) or _BAD_CHARS.search(n)
+            or any(p in ("", ".", "..") for p in parts) or any(p.startswith(".") for p in parts)):
+        raise InputError(input_name, "a plain file name under the model folder (letters, digits, _ - space, "
+                         "optional sub/folder), without '..', a leading '/', '\\' or any of <>:\"|?*", repr(name))
+    return n
+
+
+def save_path_for(directory: str, name: str, overwrite: bool, input_name: str = "save_name") -> str:
+    name = sanitize_save_name(name, input_name)
+    root = os.path.realpath(directory)
+    path = os.path.realpath(os.path.join(root, name + ".safetensors"))
+    require(os.path.commonpath([root, path]) == root, input_name, f"a name inside {root}", repr(name))
+    if os.path.exists(path) and not overwrite:
+        raise InputError(input_name, "a name that does not exist yet", f"{name}.safetensors (already in {root})",
+                         hint="choose another save_name or set overwrite to true")
+    return path
+
+
+
+def _fp_tensor(h, t: torch.Tensor) -> None:
+    t = t.detach()
+    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    if t.numel():
+        f = t.flatten()
+        h.update(f"{float(f.double().sum()):.10e}|{float(f.double().abs().sum()):.10e}|".encode())
+        h.update(f[:8].double().cpu().numpy().tobytes())
+
+
+def _fp_obj(h, obj, depth=0) -> None:
+    if depth > 6:
+        return
+    if isinstance(obj, torch.Tensor):
+        _fp_tensor(h, obj)
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            _fp_obj(h, o, depth + 1)
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            _fp_obj(h, obj[k], depth + 1)
+    elif isinstance(obj, (int, float, str, bool)) or obj is None:
+        h.update(repr(obj).encode())
+    else:
+        h.update(type(obj).__name__.encode())
+        w = getattr(obj, "weights", None)
+        if w is not None:
+            _fp_obj(h, w, depth + 1)
+
+
+def fingerprint(*objs) -> str:
+    h = hashlib.sha256()
+    for o in objs:
+        if isinstance(o, torch.nn.Module):
+            for k, v in o.state_dict().items():
+                h.update(k.encode())
+                _fp_tensor(h, v)
+        else:
+            _fp_obj(h, o)
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------------- progress
 def comfy_progress(total: int, label: str) -> Callable[[int, dict | None], None]:
     """ComfyUI's ProgressBar (every step: host-side only) plus the latest losses as text under the node."""
@@ -388,7 +463,9 @@ def run(trainer: Trainer, cfg: EngineConfig, device, *, checkpoint: str | None =
         frozen = [n for n, p in module.named_parameters() if id(p) not in train_ids]
         frozen += [n for n, _ in module.named_buffers()]
         DDP._set_params_and_buffers_to_ignore_for_model(module, frozen)
-        runner = DDP(module, device_ids=[torch.device(device).index] if cuda else None)
+        # a trainer whose steps may leave some trainables out of the graph (e.g. text dropout) says so
+        runner = DDP(module, device_ids=[torch.device(device).index] if cuda else None,
+                     find_unused_parameters=bool(getattr(trainer, "find_unused_parameters", False)))
 
     log_every = max(1, cfg.log_every) if cuda else 1   # a CPU "sync" costs nothing: report every step
     bar = comfy_progress(cfg.steps, technique) if progress else None

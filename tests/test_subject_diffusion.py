@@ -339,21 +339,6 @@ def test_sam_bad_inputs(sam_model):
 
 
 # ------------------------------------------------------------------------------------------------ training
-def test_training_target_denoises_to_the_clean_latent():
-    import comfy.model_sampling as msm
-
-    for pred in (msm.EPS, msm.V_PREDICTION):
-        ms = type("MS", (msm.ModelSamplingDiscrete, pred), {})()
-        g = torch.Generator().manual_seed(0)
-        z0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-        sigma = ms.sigma(torch.tensor([100.0, 800.0]))
-        x = z0 + noise * sigma.view(-1, 1, 1, 1)
-        target = st.training_target(ms, sigma, x, z0, noise)
-        torch.testing.assert_close(ms.calculate_denoised(sigma, target, x), z0, rtol=1e-4, atol=1e-4)
-        if pred is msm.EPS:
-            assert torch.equal(target, noise)
-
-
 def training_examples():
     g = torch.Generator().manual_seed(5)
     imgs = torch.rand(2, 64, 64, 3, generator=g)
