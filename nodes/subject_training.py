@@ -216,7 +216,7 @@ class SubjectTrainer:
     def __init__(self, model, clip, vae, clip_vision, weights: SubjectWeights, examples: list[Example],
                  lr: float = LR, attn_weight: float = ATTN_WEIGHT, warmup: int = WARMUP, seed: int = 0,
                  use_bbox: bool = False, device=None, batch_size: int = 1, training_dtype: str = "auto",
-                 max_grad_norm: float = 0.0):
+                 max_grad_norm: float = 0.0, grad_accumulation: int = 1):
         import comfy.model_management as mm
         import comfy.model_sampling as msm
 
@@ -238,6 +238,9 @@ class SubjectTrainer:
         self.lr, self.warmup = float(lr), int(warmup)
         self.seed, self.batch_size, self.training_dtype = int(seed), int(batch_size), training_dtype
         self.max_grad_norm = float(max_grad_norm)
+        require(isinstance(grad_accumulation, int) and grad_accumulation >= 1, "grad_accumulation", "at least 1",
+                grad_accumulation)
+        self.grad_accumulation = int(grad_accumulation)
         self.device = device or mm.get_torch_device()
         self.weights = weights
         self.steps = weights.steps
@@ -322,7 +325,7 @@ class SubjectTrainer:
 
         return EngineConfig(steps=int(steps), warmup_steps=self.warmup, schedule="constant", weight_decay=0.0,
                             max_grad_norm=self.max_grad_norm, training_dtype=self.training_dtype,
-                            checkpoint_every=int(checkpoint_every))
+                            checkpoint_every=int(checkpoint_every), grad_accumulation=self.grad_accumulation)
 
     def signature(self) -> dict:
         return {"technique": "subject-diffusion", "lr": self.lr, "warmup": self.warmup,

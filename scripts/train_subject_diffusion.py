@@ -14,6 +14,13 @@ The weights are written atomically to ``models/subject_diffusion/NAME.safetensor
 ``--out PATH``) and load with the Subject-Diffusion Weights Loader node.
 
 ``--random-tiny`` trains on tiny random models and synthetic data (no files needed): a smoke test of the loop.
+
+The loop is the pack's training engine (as the Subject-Diffusion Trainer node): resume checkpoints
+(``NAME.resume`` next to the weights, every ``--checkpoint-every`` steps and on Ctrl-C; a rerun continues),
+mixed precision on CUDA, and DDP under torchrun (each process trains on its part of the global batch of
+``--batch-size`` x processes examples; rank 0 writes the files)::
+
+    torchrun --nproc_per_node=2 -m scripts.train_subject_diffusion --checkpoint ... --batch-size 1
 """
 from __future__ import annotations
 
@@ -108,20 +115,47 @@ def main(argv=None) -> int:
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden", type=int, default=1024, help="width of the new MLPs (paper: 1024; zero-init only)")
-    p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0 = only at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="write the resume checkpoint every N steps (0 = only on Ctrl-C)")
+    p.add_argument("--no-resume", action="store_true", help="ignore a .resume checkpoint of that name")
+    p.add_argument("--batch-size", type=int, default=1, help="examples per step and process")
+    p.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--training-dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
     p.add_argument("--random-tiny", action="store_true", help="smoke test on tiny random models, no files needed")
     a = p.parse_args(argv)
 
-    host.bootstrap()
-    import tempfile
+    from .train_dreambooth import _select_gpu
+
+    _select_gpu()
+    host.bootstrap(cpu=True if a.cpu else None)
+    import os
 
     import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if (torch.cuda.is_available() and not a.cpu) else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        return _run(a, p, rank)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(a, p, rank: int) -> int:
+    import tempfile
+    import time
+
+    import torch  # noqa: F401
 
     import folder_paths
     import personalize  # noqa: F401  (registers models/subject_diffusion)
     from personalize.nodes import adapters as ad
     from personalize.nodes import subject_training as st
-    from personalize.nodes.weights_io import save_atomic
+    from personalize.nodes import training_engine as engine
 
     with tempfile.TemporaryDirectory() as tmp:
         if a.random_tiny:
@@ -145,20 +179,28 @@ def main(argv=None) -> int:
         out = Path(a.out) if a.out else Path(folder_paths.get_folder_paths("subject_diffusion")[0]) / (
             a.name if a.name.endswith(".safetensors") else a.name + ".safetensors")
         trainer = st.SubjectTrainer(model, clip, vae, cv, weights, examples, lr=a.lr, attn_weight=a.attn_weight,
-                                    warmup=a.warmup, seed=a.seed)
+                                    warmup=a.warmup, seed=a.seed, batch_size=a.batch_size,
+                                    training_dtype=a.training_dtype, grad_accumulation=a.grad_accumulation)
         t0 = time.time()
 
         def report(step, r):
-            print(f"step {step + 1}/{a.steps}  loss {r['loss']:.5f}  mse {r['mse']:.5f}  attn {r['attn']:.5f}  "
-                  f"{time.time() - t0:.1f}s", flush=True)
-            if a.save_every and (step + 1) % a.save_every == 0:
-                res = trainer.result()
-                save_atomic(res.state_dict(), str(out), res.metadata())
+            if rank == 0:
+                print(f"step {step + 1}/{a.steps}  loss {r['loss']:.5f}  mse {r['mse']:.5f}  attn {r['attn']:.5f}  "
+                      f"{time.time() - t0:.1f}s", file=sys.stderr, flush=True)
 
-        trainer.train(a.steps, report)
+        rpath = engine.checkpoint_path(str(out))
+        if not a.no_resume:
+            engine.check_resume_family(rpath, trainer.family)
+        trainer.train(a.steps, report, checkpoint=rpath, checkpoint_every=a.checkpoint_every,
+                      resume=not a.no_resume, progress=False)
         res = trainer.result()
-        save_atomic(res.state_dict(), str(out), res.metadata())
-        print(f"saved {out}")
+        if rank == 0:
+            engine.save_file(res.state_dict(), str(out), res.metadata(), "Subject-Diffusion weights")
+            engine.remove_checkpoint(rpath)
+            if trainer.last_run.resumed_from:
+                print(f"resumed from step {trainer.last_run.resumed_from}", file=sys.stderr)
+            print(f"saved {out}")
+        engine.barrier()
     return 0
 
 

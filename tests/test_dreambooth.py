@@ -266,6 +266,26 @@ def test_prior_weight_zero_class_batch_has_no_effect_on_gradient(mods):
     assert lp1a != pytest.approx(lp1b, rel=1e-3)
 
 
+def test_trainer_holds_no_second_copy_of_the_frozen_unet(mods):
+    """Every frozen UNet weight of the training step is the model's own storage (the fixture's weights are inference
+    tensors, as ComfyUI loads them); only the LoRA weights are new."""
+    from personalize.nodes import dreambooth
+    from personalize.nodes.frozen_weights import shares_storage
+
+    m, c, _ = mods
+    names = dreambooth.unet_layer_names(m, "attention")
+    with torch.inference_mode():
+        conds = {k: dreambooth.encode_prompt(c, p)[:2] for k, p in (("inst", "a"), ("cls", "b"))}
+    step, modules, params, _ = dreambooth.build_trainable(m, None, cfg(), names, {}, conds, {}, None)
+    theirs = dict(m.model.diffusion_model.named_parameters())
+    ours = {k.replace(".base.", "."): p for k, p in step.unet.named_parameters() if "lora_" not in k}
+    assert set(ours) == set(theirs) and all(t.is_inference() for t in theirs.values())
+    assert all(shares_storage(ours[k], theirs[k]) and not ours[k].requires_grad for k in theirs)
+    lora_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    assert not lora_ptrs & {t.untyped_storage().data_ptr() for t in theirs.values()}
+    assert len(params) == 2 * len(names) and all(p.requires_grad for p in params)
+
+
 def test_killed_and_cancelled_runs_resume_to_the_same_weights(pack, mods, photos, tmp_path):
     """Kill (an exception mid-run: only the periodic checkpoint survives) and Cancel (ComfyUI's interrupt: the engine
     checkpoints the steps done) both resume to exactly the weights and losses of the uninterrupted run."""
