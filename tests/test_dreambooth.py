@@ -267,8 +267,9 @@ def test_prior_weight_zero_class_batch_has_no_effect_on_gradient(mods):
 
 
 def test_trainer_holds_no_second_copy_of_the_frozen_unet(mods):
-    """Every frozen UNet weight of the training step is the model's own storage (the fixture's weights are inference
-    tensors, as ComfyUI loads them); only the LoRA weights are new."""
+    """Every frozen UNet weight of the training step is the model's own storage (the fixture's weights start as
+    inference tensors, as ComfyUI loads them; after other tests' LoRA patching ComfyUI 0.33 may have put normal
+    tensors back: shared either way); only the LoRA weights are new."""
     from personalize.nodes import dreambooth
     from personalize.nodes.frozen_weights import shares_storage
 
@@ -279,7 +280,7 @@ def test_trainer_holds_no_second_copy_of_the_frozen_unet(mods):
     step, modules, params, _ = dreambooth.build_trainable(m, None, cfg(), names, {}, conds, {}, None)
     theirs = dict(m.model.diffusion_model.named_parameters())
     ours = {k.replace(".base.", "."): p for k, p in step.unet.named_parameters() if "lora_" not in k}
-    assert set(ours) == set(theirs) and all(t.is_inference() for t in theirs.values())
+    assert set(ours) == set(theirs)
     assert all(shares_storage(ours[k], theirs[k]) and not ours[k].requires_grad for k in theirs)
     lora_ptrs = {p.untyped_storage().data_ptr() for p in params}
     assert not lora_ptrs & {t.untyped_storage().data_ptr() for t in theirs.values()}
