@@ -16,6 +16,13 @@ interrupt, the loss log (device tensors flushed to the host every ``log_every`` 
 detection at those flushes, atomic checkpoints every ``checkpoint_every`` steps and on interrupt (never one with a
 non-finite value; after a NaN loss the last good checkpoint stays), exact resume, and the loss-curve image.
 
+Trainables are declared with ``frozen_weights.frozen_copy(module, train=...)``: new module objects over the model's
+own storage, the named parameters cloned (fp32 masters) and trainable, the rest aliased. The same call covers adapters
+(DreamBooth: ``train=()`` and LoRA wrappers injected into the copy), existing weights trained in place
+(Subject-Diffusion: ``train=[... attn2.to_k/to_v ...]``) and whole modules (BootPIG, next: the reference UNet with
+``train=lambda name: True`` plus the base UNet with ``train=lambda name: ".attn1." in name``), each group in a
+``ParamGroup`` with its own learning rate.
+
 The forward process (noise, sigma, timestep, target, conditioning incl. SDXL's ``y``) comes from ComfyUI's own
 ``model_sampling`` / ``apply_model`` / ``extra_conds``: ``nodes/forward_process.py`` and :class:`UNetCall` here.
 """
@@ -475,14 +482,14 @@ def run(trainer: Trainer, cfg: EngineConfig, device, *, checkpoint: str | None =
     t0 = time.time()
     done = start
 
-    def flush():
+    def flush(reduce: bool = True):
         """Losses to the host (one sync, one all_reduce); TrainingError on a non-finite loss."""
         nonlocal pending
         if not pending:
             return
         names = list(pending[0][1])
         x = torch.stack([torch.stack([v[k].detach().float() for k in names]) for _, v in pending])
-        if world > 1:
+        if world > 1 and reduce:
             import torch.distributed as dist
 
             dist.all_reduce(x)
@@ -556,12 +563,13 @@ def run(trainer: Trainer, cfg: EngineConfig, device, *, checkpoint: str | None =
             if ckpt:
                 save_checkpoint(done)
     except interrupts:
-        # cancelled: the steps done so far are kept (after their losses are checked), then the interrupt goes on
-        if done > start or last_good is None or last_good < done:
+        # cancelled (ComfyUI's interrupt is checked at the start of a step, so ``done`` steps are complete): keep
+        # them, once their losses are known to be finite; then the interrupt goes on. No collective here: under
+        # torchrun the ranks may be interrupted at different points (the log gets rank 0's own values).
+        if checkpoint and done > (last_good or 0):
             try:
-                flush()
-                if done > (last_good or 0):
-                    save_checkpoint(done)
+                flush(reduce=False)
+                save_checkpoint(done)
             except TrainingError:
                 pass
         raise
