@@ -148,6 +148,7 @@ class BootPIGRSAPatch:
         if reference.family != fam:
             raise InputError("reference", f"references encoded for {introspect.FAMILY_NAMES[fam]} (the base model's "
                              "family)", f"references encoded with an {introspect.FAMILY_NAMES[reference.family]} model")
+        introspect.require_same_shape(model, reference.encoder, "reference", "references encoded with")
         require(pooling in POOLING_MODES, "pooling", f"one of {POOLING_MODES}", pooling)
         require(reference_features in FEATURE_MODES, "reference_features", f"one of {FEATURE_MODES}", reference_features)
         require(guidance in ("cfg", "three_branch"), "guidance", "cfg or three_branch", guidance)

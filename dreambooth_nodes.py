@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from .nodes import training
+from .nodes import training, weights_io
 from .nodes.errors import require
 
 CATEGORY = "personalize/DreamBooth"
@@ -174,6 +174,7 @@ class DreamBoothLoRATrainer:
         training.validate_config(cfg)
         name = training.sanitize_save_name(save_name)
         path = training.save_path_for(_loras_dir(), name, bool(overwrite))
+        weights_io.check_file_name(path, "save_name", also=[training.resume_path(path)])  # before training, not after
         result = training.train(model, clip, vae, instance_images, cfg, path, _class_cache_dir(),
                                 overwrite=bool(overwrite), resume=bool(resume), on_step=_progress(cfg.steps),
                                 check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)

@@ -184,7 +184,7 @@ class AppearancePickingGuidance:
             weight=float(weight), steps=guidance.StepRange.from_percent(model, start_percent, end_percent),
             layers=keys, positions=positions, tau=float(tau), step_size=float(step_size),
             schedule=step_size_schedule, iterations=int(iterations), reference=reference,
-            reference_noise=reference_noise, seed=int(seed))
+            reference_noise=reference_noise, seed=int(seed), prompt_context=guidance.prompt_context(clip, prompt))
         return (guidance.add_term(model, term),)
 
 
@@ -259,6 +259,7 @@ class LayoutDrawingGuidance:
             if tfam != fam:
                 raise InputError("template_model", f"an {introspect.FAMILY_NAMES[fam]} model (the model's family)",
                                  introspect.FAMILY_NAMES[tfam])
+            introspect.require_same_shape(model, template_model, "template_model", "a template model:")
             if template_model.model is not model.model:
                 template = template_model
             else:
@@ -271,7 +272,7 @@ class LayoutDrawingGuidance:
             weight=float(weight), steps=guidance.StepRange.from_percent(model, start_percent, end_percent),
             layers=keys, positions=positions, template_positions=tpositions, template_context=context,
             smoothing_sigma=float(smoothing_sigma), step_size=float(step_size), schedule=step_size_schedule,
-            template=template, iterations=int(iterations))
+            template=template, iterations=int(iterations), prompt_context=guidance.prompt_context(clip, prompt))
         return (guidance.add_term(model, term),)
 
 

@@ -57,7 +57,7 @@ def check_float(value, name: str, opts: dict | None = None) -> float:
         raise InputError(name, f"a number{rng}", f"{type(value).__name__} {value!r}"[:120])
     v = float(value)
     if not math.isfinite(v):
-        raise InputError(name, f"a finite number{rng} (NaN and infinity are not numbers a node can use)", _fmt(v))
+        raise InputError(name, f"a finite number{rng}", _fmt(v))
     lo, hi = opts.get("min"), opts.get("max")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise InputError(name, f"a number{rng}", _fmt(v), "a value arriving through a link skips the widget's limits")
@@ -150,6 +150,22 @@ def check_conditioning(value, name: str) -> None:
             check_finite(item[0], name, "a CONDITIONING")
             extra = item[1] if len(item) > 1 and isinstance(item[1], dict) else {}
             check_finite(extra.get("pooled_output"), name, "a CONDITIONING (pooled output)")
+
+
+def context_mismatch(expected: torch.Tensor, got: torch.Tensor, tol: float = 0.2) -> int | None:
+    """First token position where the conditioning ``got`` [B, T, C] does not start with ``expected`` [1, L, C]
+    (relative L2 distance per token above ``tol``: a text encoder with a small LoRA stays well below it, another
+    token is far above it), or None when it does. A conditioning shorter than ``expected`` mismatches at its end."""
+    if got is None or got.ndim != 3 or got.shape[-1] != expected.shape[-1]:
+        return 0
+    n = int(expected.shape[1])
+    if got.shape[1] < n:
+        return int(got.shape[1])
+    e = expected[0].to(torch.float32)
+    g = got[0, :n].detach().to(device="cpu", dtype=torch.float32)
+    rel = (g - e).norm(dim=-1) / e.norm(dim=-1).clamp_min(1e-6)
+    bad = torch.nonzero(~(rel <= tol)).flatten()
+    return int(bad[0]) if bad.numel() else None
 
 
 TENSOR_CHECKS = {"IMAGE": check_image, "MASK": check_mask, "LATENT": check_latent, "CONDITIONING": check_conditioning}
