@@ -311,3 +311,75 @@ def test_guidance_prompt_that_differs_from_the_sampled_conditioning(tiny_sd15, c
     assert calls == []  # refused when sampling starts, before the first UNet call
     # the same text runs
     assert torch.isfinite(sample(m, same, neg, steps=1)).all()
+
+
+# ------------------------------------------------------------------------------------------------ over the HTTP API
+def _rsa_graph(strength):
+    return {
+        "1": {"class_type": "PersonalizeToyWorldLoader", "inputs": {"source": "random (untrained)"}},
+        "2": {"class_type": "PersonalizeToyWorldSubject", "inputs": {"subject": _subject(), "references": 1,
+                                                                     "prompt_index": 0}},
+        "3": {"class_type": "PersonalizeBootPIGReferenceEncoder",
+              "inputs": {"model": ["1", 0], "vae": ["1", 2], "images": ["2", 0], "resolution": 64, "seed": 0}},
+        "4": {"class_type": "PersonalizeBootPIGRSAPatch",
+              "inputs": {"model": ["1", 0], "reference": ["3", 0], "ref_scale": 1.1, "strength": strength,
+                         "start_percent": 0.0, "end_percent": 1.0, "pooling": "softmax",
+                         "reference_features": "per_step", "guidance": "cfg"}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a ball"}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["5", 0], "negative": ["5", 0],
+                                                   "latent_image": ["6", 0], "seed": 1, "steps": 2, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}},
+    }
+
+
+def _subject():
+    from personalize.toyworld import scenes
+
+    return scenes.SUBJECTS[0].name
+
+
+@pytest.mark.parametrize("how", ["nan_widget", "negative_through_a_link"])
+def test_over_http_nan_and_linked_values_fail_the_node_naming_the_input(server, how):
+    import json
+    import urllib.request
+    import uuid
+
+    from scripts.server import get_json
+
+    graph = _rsa_graph(float("nan"))
+    if how == "negative_through_a_link":  # a primitive's value skips the RSA widget's min of 0
+        graph["11"] = {"class_type": "PrimitiveFloat", "inputs": {"value": -1.0}}
+        graph["4"]["inputs"]["strength"] = ["11", 0]
+    req = urllib.request.Request(f"{server.url}/prompt", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"prompt": graph, "client_id": str(uuid.uuid4())}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        res = json.loads(r.read().decode())
+    assert not res.get("node_errors"), res  # the host's queue-time check lets both through
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        h = get_json(f"{server.url}/history/{res['prompt_id']}").get(res["prompt_id"])
+        if h and h.get("status", {}).get("status_str") in ("success", "error"):
+            break
+        time.sleep(0.5)
+    assert h["status"]["status_str"] == "error", h["status"]
+    (err,) = [m[1] for m in h["status"]["messages"] if m[0] == "execution_error"]
+    assert err["node_type"] == "PersonalizeBootPIGRSAPatch" and err["exception_type"].endswith("InputError")
+    assert "input 'strength'" in err["exception_message"]
+    assert ("got nan" if how == "nan_widget" else "got -1.0") in err["exception_message"]
+
+
+def test_headless_dreambooth_training_refuses_nan_images_before_training(tiny_sd15, clip, vae, photos, folders):
+    """The same loop without the node (python -m scripts.train_dreambooth): the data is checked before training."""
+    from personalize.nodes import training
+
+    bad = photos.clone()
+    bad[0, 0, 0, 0] = INF
+    cfg = training.TrainConfig(instance_prompt="a photo of sks dog", class_prompt="a photo of dog", steps=2,
+                               resolution=64, num_class_images=1, class_steps=1)
+    refused("instance_images", training.train, tiny_sd15, clip, vae, bad, cfg,
+            str(folders["loras"] / "cli.safetensors"), str(folders["output"]), match="1 infinite values")
+    assert written(folders) == []
