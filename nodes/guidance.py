@@ -134,8 +134,8 @@ def check_prompts(spec, conds) -> None:
             node = "Appearance Picking Guidance" if term.name == "appearance" else "Layout Drawing Guidance"
             raise InputError("prompt", "the text of the positive prompt the sampler is given, encoded by the same "
                              "CLIP (the subject word's token positions are read from it)",
-                             f"a {node} prompt that differs from the positive conditioning from token {min(where)} "
-                             "on", "give the guidance node's prompt and the positive CLIPTextEncode the same text "
+                             f"a prompt that differs from the positive conditioning from token {min(where)} on "
+                             f"({node})", "Give the guidance node's prompt and the positive CLIPTextEncode the same text "
                              "(e.g. one String node linked to both)")
 
 

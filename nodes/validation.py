@@ -60,7 +60,7 @@ def check_float(value, name: str, opts: dict | None = None) -> float:
         raise InputError(name, f"a finite number{rng}", _fmt(v))
     lo, hi = opts.get("min"), opts.get("max")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise InputError(name, f"a number{rng}", _fmt(v), "a value arriving through a link skips the widget's limits")
+        raise InputError(name, f"a number{rng}", _fmt(v), "A value arriving through a link skips the widget's limits")
     return v
 
 
@@ -77,7 +77,7 @@ def check_int(value, name: str, opts: dict | None = None) -> int:
     v = int(value)
     lo, hi = opts.get("min"), opts.get("max")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise InputError(name, f"an integer{rng}", v, "a value arriving through a link skips the widget's limits")
+        raise InputError(name, f"an integer{rng}", v, "A value arriving through a link skips the widget's limits")
     return v
 
 
@@ -111,8 +111,8 @@ def check_unit_range(t, name: str, what: str = "an IMAGE", slack: float = RANGE_
         return
     lo, hi = float(t.amin()), float(t.amax())
     if lo < -slack or hi > 1.0 + slack:
-        hint = ("pixel values look like 0..255: divide by 255" if hi > 2.0 else
-                "values look like -1..1: map them with (x + 1) / 2" if lo < -0.5 else None)
+        hint = ("Pixel values look like 0..255: divide by 255" if hi > 2.0 else
+                "Values look like -1..1: map them with (x + 1) / 2" if lo < -0.5 else None)
         raise InputError(name, f"{what} with values in 0..1", f"values from {lo:.4g} to {hi:.4g}", hint)
 
 

@@ -70,7 +70,7 @@ def check_file_name(path: str, input_name: str = "save_name", also: Iterable[str
             if n > limit:
                 raise InputError(input_name, f"a file name of at most {limit} bytes with its suffixes (this file "
                                  "system's limit)", f"{n} bytes: {part[:40]}...{part[-20:]}",
-                                 "choose a shorter save_name")
+                                 "Choose a shorter save_name")
         if len(p.encode("utf-8", "surrogateescape")) + TEMP_NAME_LEN > plimit:
             raise InputError(input_name, f"a path of at most {plimit} bytes", f"{len(p)} bytes")
     if TEMP_NAME_LEN > limit:  # pragma: no cover - file systems with names under 30 bytes
@@ -161,7 +161,7 @@ def load(path: str, device: str = "cpu", input_name: str = "weights", allow_torc
     if kind in ("zip", "pickle"):
         if not allow_torch:
             raise InputError(input_name, want, f"{name}: a PyTorch pickle checkpoint",
-                             "pickles are not loaded here (they can run code); save the weights as .safetensors")
+                             "Pickles are not loaded here (they can run code); save the weights as .safetensors")
         tensors, meta = _load_torch(path, name, input_name), {}
     else:
         tensors, meta = _load_safetensors(path, name, input_name, device)
@@ -195,7 +195,7 @@ def _load_torch(path, name, input_name):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise InputError(input_name, "a checkpoint holding only tensors", f"{name}: a pickle with Python objects",
-                         "pickled objects are never loaded (they can run code); use a plain state dict or "
+                         "Pickled objects are never loaded (they can run code); use a plain state dict or "
                          ".safetensors") from None
     except Exception as e:  # noqa: BLE001 - EOFError, RuntimeError (truncated zip), ...
         raise InputError(input_name, "a complete PyTorch checkpoint of tensors",
