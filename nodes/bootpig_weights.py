@@ -90,9 +90,6 @@ def load(path: str, model) -> tuple[dict, dict, str]:
         _check_family(meta.get("personalize.family"), fam, path)
         ref = {k[len(REF):]: v for k, v in tensors.items() if k.startswith(REF)}
         base_sd = {k[len(ATTN1):]: v for k, v in tensors.items() if k.startswith(ATTN1)}
-    weights_io.check_keys(ref.keys(), expected, "reference UNet (ref_unet.*)", "bootpig_name")
-    weights_io.check_keys(base_sd.keys(), attn1_keys(expected), "set of base attn1 weights (base_attn1.*)",
-                          "bootpig_name")
     shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     for part, sd in (("ref_unet", ref), ("base_attn1", base_sd)):
         for k, v in sd.items():
@@ -100,6 +97,9 @@ def load(path: str, model) -> tuple[dict, dict, str]:
             if want is not None and tuple(v.shape) != want:
                 raise InputError("bootpig_name", f"BootPIG weights made for this model's size ({part} {k}: {want})",
                                  f"{os.path.basename(path)} with {tuple(v.shape)}: weights of another model size")
+    weights_io.check_keys(ref.keys(), expected, "reference UNet (ref_unet.*)", "bootpig_name")
+    weights_io.check_keys(base_sd.keys(), attn1_keys(expected), "set of base attn1 weights (base_attn1.*)",
+                          "bootpig_name")
     return ref, base_sd, fam
 
 

@@ -80,8 +80,18 @@ def check_file_name(path: str, input_name: str = "save_name", also: Iterable[str
 
 # ------------------------------------------------------------------------------------------------ finiteness
 def nonfinite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    return [k for k, v in tensors.items()
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    """Keys of the floating-point tensors holding NaN or inf. On CPU the check runs on one intra-op thread: hundreds
+    of small reductions are dominated by thread wake-ups otherwise (seconds instead of tens of ms on a busy host)."""
+    threads = torch.get_num_threads()
+    single = threads > 1 and any(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in tensors.values())
+    if single:
+        torch.set_num_threads(1)
+    try:
+        return [k for k, v in tensors.items()
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    finally:
+        if single:
+            torch.set_num_threads(threads)
 
 
 def _bad_text(bad: list, total: int) -> str:

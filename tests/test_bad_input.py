@@ -386,3 +386,20 @@ def test_headless_dreambooth_training_refuses_nan_images_before_training(tiny_sd
     refused("instance_images", training.train, tiny_sd15, clip, vae, bad, cfg,
             str(folders["loras"] / "cli.safetensors"), str(folders["output"]), match="1 infinite values")
     assert written(folders) == []
+
+
+def test_weights_made_for_another_model_size_are_refused_naming_the_input(tiny_sd15, toy, folders):
+    """BootPIG and Subject-Diffusion weights trained on the toy model (SD1.5 family, other width) onto the tiny SD1.5."""
+    from personalize.nodes import adapters as ad
+    from personalize.nodes import bootpig_weights, introspect
+
+    toy_model = toy[0]
+    sd = introspect.base_model(toy_model).diffusion_model.state_dict()
+    bootpig_weights.save(str(folders["bootpig"] / "toy.safetensors"), sd,
+                         {k: sd[k].clone() for k in bootpig_weights.attn1_keys(sd)}, "sd15")
+    e = refused("bootpig_name", B.BootPIGLoader().load, model=tiny_sd15, bootpig_name="toy.safetensors")
+    assert "toy.safetensors" in str(e) and "another model size" in str(e)
+    w = ad.init_weights(run_node(S.ExpandInputChannels, model=toy_model)[0], 32, 16, 24, hidden=64, seed=0)
+    weights_io.save_atomic(w.state_dict(), str(folders["subject_diffusion"] / "toy.safetensors"), w.metadata())
+    refused("weights_name", S.SubjectDiffusionLoader().load, model=tiny_sd15, weights_name="toy.safetensors",
+            match="this model's architecture")
