@@ -205,8 +205,10 @@ def check_inputs(node_cls, values: dict) -> dict:
 def validated(node_cls):
     """Class decorator (idempotent): the node's FUNCTION checks its inputs against INPUT_TYPES before it runs."""
     fname = getattr(node_cls, "FUNCTION", None)
-    fn = getattr(node_cls, fname, None) if fname else None
-    if fn is None or getattr(fn, MARK, False):
+    fn = inspect.getattr_static(node_cls, fname, None) if fname else None
+    if not inspect.isfunction(fn) or getattr(fn, MARK, False):
+        # a classmethod/staticmethod FUNCTION is left alone: is_validated() stays False, and the walking test
+        # (tests/test_validation.py) names the node
         return node_cls
     sig = inspect.signature(fn)
 

@@ -201,3 +201,39 @@ def test_images_and_masks_must_be_finite_and_in_unit_range():
         validation.check_latent({"samples": torch.full((1, 4, 2, 2), math.nan)}, "latent")
     with pytest.raises(InputError, match="input 'positive'.*CONDITIONING"):
         validation.check_conditioning([[torch.full((1, 77, 8), math.nan), {}]], "positive")
+
+
+def test_the_decorator_reads_the_declaration_and_wraps_once():
+    class Node:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"x": ("FLOAT", {"min": -1.0, "max": 1.0}), "n": ("INT", {"min": 2})},
+                    "optional": {"image": ("IMAGE",)}}
+
+        FUNCTION = "run"
+
+        def run(self, x, n=2, image=None, **extra):
+            return x, n, extra
+
+    validation.validated(validation.validated(Node))
+    assert validation.is_validated(Node)
+    assert Node().run(0.5, n=3.0, other=1) == (0.5, 3, {"other": 1})  # an integral float arrives as an int
+    with pytest.raises(InputError, match="input 'x'.*from -1.0 to 1.0, got 1.5"):
+        Node().run(1.5)
+    with pytest.raises(InputError, match="input 'n'.*>= 2, got 1"):
+        Node().run(0.0, 1)
+    with pytest.raises(InputError, match="input 'image'"):
+        Node().run(0.0, image=torch.full((1, 2, 2, 3), math.inf))
+
+
+def test_context_mismatch_finds_the_first_differing_token():
+    g = torch.Generator().manual_seed(0)
+    want = torch.randn(1, 5, 16, generator=g)
+    got = torch.cat([want, torch.randn(1, 72, 16, generator=g)], dim=1)  # same start, any padding after it
+    assert validation.context_mismatch(want, got) is None
+    assert validation.context_mismatch(want, got * 1.01) is None  # a slightly different encoder (small LoRA)
+    other = got.clone()
+    other[0, 3] = torch.randn(16, generator=g)
+    assert validation.context_mismatch(want, other) == 3
+    assert validation.context_mismatch(want, got[:, :4]) == 4
+    assert validation.context_mismatch(want, torch.zeros(1, 77, 8)) == 0
