@@ -12,6 +12,7 @@ import torch
 from .nodes import bootpig_weights, introspect, paths
 from .nodes.errors import InputError, require
 from .nodes.images import as_batch, check_masks, subject_on_white
+from .nodes.validation import nonfinite_text
 from .nodes.reference_attention import FEATURE_MODES, POOLING_MODES, ReferenceSet, RSASettings, apply_rsa, find_rsa
 
 CATEGORY = "personalize/BootPIG"
@@ -80,6 +81,10 @@ class BootPIGReferenceEncoder:
                               for i in range(images.shape[0])])
         bm = introspect.base_model(model)
         latents = bm.process_latent_in(_encode(vae, pixels).float().cpu())
+        bad = nonfinite_text(latents)
+        if bad is not None:
+            raise InputError("vae", "a VAE whose encoding of the references is finite (SDXL's VAE overflows "
+                             "in fp16: run it in fp32 or use the fp16-fix VAE)", f"an encoding: {bad}")
         want_ch = bm.latent_format.latent_channels
         require(latents.shape[1] == want_ch, "vae", f"a VAE with {want_ch} latent channels (this model's)",
                 f"{latents.shape[1]}")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .nodes import guidance, introspect
 from .nodes.errors import InputError, require
 from .nodes.images import as_batch, check_masks
+from .nodes.validation import nonfinite_text
 
 CATEGORY = "personalize/PickAndDraw"
 REFERENCE_TYPE = "PICK_AND_DRAW_REFERENCE"
@@ -96,6 +97,10 @@ class PickAndDrawReference:
                            antialias=True).clamp(0, 1).permute(0, 2, 3, 1)
         bm = introspect.base_model(model)
         latent = bm.process_latent_in(vae.encode(px[..., :3]).float().cpu())
+        bad = nonfinite_text(latent)
+        if bad is not None:
+            raise InputError("vae", "a VAE whose encoding of the reference is finite (SDXL's VAE overflows "
+                             "in fp16: run it in fp32 or use the fp16-fix VAE)", f"an encoding: {bad}")
         want = bm.latent_format.latent_channels
         require(latent.shape[1] == want, "vae", f"a VAE with {want} latent channels (this model's)",
                 f"{latent.shape[1]}")

@@ -27,7 +27,8 @@ import torch
 
 from .errors import InputError
 
-RANGE_SLACK = 0.25  # images/masks: bicubic/lanczos resizing overshoots 0..1 a little; 0..255 or -1..1 data does not pass
+# images/masks: bicubic/lanczos resizing overshoots 0..1 a little; 0..255 or -1..1 data does not pass
+RANGE_SLACK = 0.25
 MARK = "_personalize_validated"
 
 
@@ -82,7 +83,7 @@ def check_int(value, name: str, opts: dict | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ tensors
-def _nonfinite_text(t: torch.Tensor) -> str | None:
+def nonfinite_text(t: torch.Tensor) -> str | None:
     if not t.is_floating_point() and not t.is_complex():
         return None
     bad = ~torch.isfinite(t)
@@ -97,7 +98,7 @@ def _nonfinite_text(t: torch.Tensor) -> str | None:
 def check_finite(t, name: str, what: str = "a tensor") -> None:
     """InputError if the tensor ``t`` holds NaN or inf (non-tensors are left to the node's own checks)."""
     if isinstance(t, torch.Tensor):
-        bad = _nonfinite_text(t)
+        bad = nonfinite_text(t)
         if bad is not None:
             raise InputError(name, f"{what} with finite values (no NaN or infinity)", bad)
 

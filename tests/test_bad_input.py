@@ -285,7 +285,8 @@ def test_expand_input_channels_straight_into_ksampler_equals_the_unexpanded_mode
     placed = run_node(S.LocationMaskConcat, model=expanded, latent={"samples": torch.zeros(1, 4, 8, 8)},
                       boxes="8, 8, 32, 32")[0]
     assert float(loc.find_location(expanded).channel.abs().sum()) == 0.0
-    assert float(loc.find_location(placed).channel.min()) == 0.0 and float(loc.find_location(placed).channel.max()) == 1
+    channel = loc.find_location(placed).channel
+    assert float(channel.min()) == 0.0 and float(channel.max()) == 1.0
 
 
 @pytest.mark.parametrize("node", ["appearance", "layout"])
@@ -403,3 +404,14 @@ def test_weights_made_for_another_model_size_are_refused_naming_the_input(tiny_s
     weights_io.save_atomic(w.state_dict(), str(folders["subject_diffusion"] / "toy.safetensors"), w.metadata())
     refused("weights_name", S.SubjectDiffusionLoader().load, model=tiny_sd15, weights_name="toy.safetensors",
             match="this model's architecture")
+
+
+@pytest.mark.parametrize("node", ["bootpig", "pick_and_draw"])
+def test_a_vae_that_encodes_to_nan_is_named(tiny_sd15, vae, photos, node, monkeypatch):
+    """Finite photos, but a VAE whose encoding overflows (SDXL's VAE in fp16): the encoder names 'vae'."""
+    monkeypatch.setattr(type(vae), "encode", lambda self, px: torch.full((px.shape[0], 4, 8, 8), NAN))
+    if node == "bootpig":
+        call = lambda: B.BootPIGReferenceEncoder().encode(model=tiny_sd15, vae=vae, images=photos, resolution=64)
+    else:
+        call = lambda: P.PickAndDrawReference().encode(model=tiny_sd15, vae=vae, image=photos[:1], resolution=64)
+    refused("vae", call, match="fp16")
