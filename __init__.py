@@ -21,4 +21,10 @@ for _name in _TECHNIQUES:
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 
+# one validation layer for every registered node: inputs are checked against the node's own INPUT_TYPES (finite
+# numbers inside min/max, finite images/masks/latents) before the node body runs
+from .nodes import validation as _validation  # noqa: E402
+
+_validation.install(NODE_CLASS_MAPPINGS)
+
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -12,6 +12,7 @@ import torch
 from .nodes import bootpig_weights, introspect, paths
 from .nodes.errors import InputError, require
 from .nodes.images import as_batch, check_masks, subject_on_white
+from .nodes.validation import nonfinite_text
 from .nodes.reference_attention import FEATURE_MODES, POOLING_MODES, ReferenceSet, RSASettings, apply_rsa, find_rsa
 
 CATEGORY = "personalize/BootPIG"
@@ -79,6 +80,10 @@ class BootPIGReferenceEncoder:
                               for i in range(images.shape[0])])
         bm = introspect.base_model(model)
         latents = bm.process_latent_in(_encode(vae, pixels).float().cpu())
+        bad = nonfinite_text(latents)
+        if bad is not None:
+            raise InputError("vae", "a VAE whose encoding of the references is finite (SDXL's VAE overflows "
+                             "in fp16: run it in fp32 or use the fp16-fix VAE)", f"an encoding: {bad}")
         want_ch = bm.latent_format.latent_channels
         require(latents.shape[1] == want_ch, "vae", f"a VAE with {want_ch} latent channels (this model's)",
                 f"{latents.shape[1]}")
@@ -147,6 +152,7 @@ class BootPIGRSAPatch:
         if reference.family != fam:
             raise InputError("reference", f"references encoded for {introspect.FAMILY_NAMES[fam]} (the base model's "
                              "family)", f"references encoded with an {introspect.FAMILY_NAMES[reference.family]} model")
+        introspect.require_same_shape(model, reference.encoder, "reference", "references encoded with")
         require(pooling in POOLING_MODES, "pooling", f"one of {POOLING_MODES}", pooling)
         require(reference_features in FEATURE_MODES, "reference_features", f"one of {FEATURE_MODES}", reference_features)
         require(guidance in ("cfg", "three_branch"), "guidance", "cfg or three_branch", guidance)

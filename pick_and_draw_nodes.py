@@ -15,6 +15,7 @@ from .nodes import introspect
 from .nodes import pick_and_draw as guidance
 from .nodes.errors import InputError, require
 from .nodes.images import as_batch, check_masks
+from .nodes.validation import nonfinite_text
 
 CATEGORY = "personalize/PickAndDraw"
 REFERENCE_TYPE = "PICK_AND_DRAW_REFERENCE"
@@ -96,6 +97,10 @@ class PickAndDrawReference:
                            antialias=True).clamp(0, 1).permute(0, 2, 3, 1)
         bm = introspect.base_model(model)
         latent = bm.process_latent_in(vae.encode(px[..., :3]).float().cpu())
+        bad = nonfinite_text(latent)
+        if bad is not None:
+            raise InputError("vae", "a VAE whose encoding of the reference is finite (SDXL's VAE overflows "
+                             "in fp16: run it in fp32 or use the fp16-fix VAE)", f"an encoding: {bad}")
         want = bm.latent_format.latent_channels
         require(latent.shape[1] == want, "vae", f"a VAE with {want} latent channels (this model's)",
                 f"{latent.shape[1]}")
@@ -184,7 +189,7 @@ class AppearancePickingGuidance:
             weight=float(weight), steps=guidance.StepRange.from_percent(model, start_percent, end_percent),
             layers=keys, positions=positions, tau=float(tau), step_size=float(step_size),
             schedule=step_size_schedule, iterations=int(iterations), reference=reference,
-            reference_noise=reference_noise, seed=int(seed))
+            reference_noise=reference_noise, seed=int(seed), prompt_context=guidance.prompt_context(clip, prompt))
         return (guidance.add_term(model, term),)
 
 
@@ -259,6 +264,7 @@ class LayoutDrawingGuidance:
             if tfam != fam:
                 raise InputError("template_model", f"an {introspect.FAMILY_NAMES[fam]} model (the model's family)",
                                  introspect.FAMILY_NAMES[tfam])
+            introspect.require_same_shape(model, template_model, "template_model", "a template model:")
             if template_model.model is not model.model:
                 template = template_model
             else:
@@ -271,7 +277,7 @@ class LayoutDrawingGuidance:
             weight=float(weight), steps=guidance.StepRange.from_percent(model, start_percent, end_percent),
             layers=keys, positions=positions, template_positions=tpositions, template_context=context,
             smoothing_sigma=float(smoothing_sigma), step_size=float(step_size), schedule=step_size_schedule,
-            template=template, iterations=int(iterations))
+            template=template, iterations=int(iterations), prompt_context=guidance.prompt_context(clip, prompt))
         return (guidance.add_term(model, term),)
 
 

@@ -61,14 +61,17 @@ def _check_vision(weights, clip_vision):
 class ExpandInputChannels:
     DESCRIPTION = ("Turns a 4-channel UNet into a 5-channel one for Subject-Diffusion's location channel: conv_in "
                    "gets one more input channel whose weights are zero (the paper's initialisation), so the model "
-                   "gives exactly the base model's output until trained. The input model is unchanged.")
+                   "gives exactly the base model's output until trained. Works on its own: without Location Mask "
+                   "Concat the new channel reads 0 (no subject constraint) and a KSampler gives the unexpanded "
+                   "model's output. The input model is unchanged.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL", {"tooltip": "An SD1.5 / SD2 / SDXL model with a 4-channel UNet."})}}
 
     RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The 5-channel model: connect it through Location Mask Concat.",)
+    OUTPUT_TOOLTIPS = ("The 5-channel model: connect it through Location Mask Concat to place the subject (straight "
+                       "into a KSampler it samples with no location: the base model's output while untrained).",)
     FUNCTION = "expand"
     CATEGORY = CATEGORY
 
@@ -77,7 +80,16 @@ class ExpandInputChannels:
         have, latent = location.input_channels(model), location.output_channels(model)
         require(have == latent, "model", f"a UNet with {latent} input channels (not yet expanded)",
                 f"{have} input channels")
-        return (location.expand_model(model, 1),)
+        return (_no_location(location.expand_model(model, 1)),)
+
+
+def _no_location(model):
+    """A 5-channel model that works on its own: until Location Mask Concat replaces it, every UNet call gets an
+    all-zero location channel, the paper's "no location" input (its CFG dropout zeroes the channel), so no subject
+    constraint; with the zero-init conv_in the output equals the unexpanded model's."""
+    if location.find_location(model) is not None:
+        return model
+    return location.apply_location(model, torch.zeros(1, 1, 1, 1), "same")
 
 
 class LocationMaskConcat:
@@ -154,7 +166,10 @@ class SubjectDiffusionLoader:
             raise InputError("model", f"an {weights.config.get('family')} model (the weights' family)",
                              introspect.family(model))
         ad.check_model(weights, model, "weights_name")
-        return (ad.apply_unet(model, weights), weights)
+        m = ad.apply_unet(model, weights)
+        if location.input_channels(m) == location.output_channels(m) + 1:
+            m = _no_location(m)  # samples on its own (no location) until Location Mask Concat sets one
+        return (m, weights)
 
 
 class SubjectDiffusionInitWeights:
@@ -491,12 +506,7 @@ class SubjectDiffusionTrainer:
         labs = [[x.strip() for x in line.split(",") if x.strip()] for line in labels.splitlines() if line.strip()]
         require(len(caps) in (1, n), "captions", f"1 or {n} lines", len(caps))
         require(len(labs) in (1, n), "labels", f"1 or {n} lines", len(labs))
-        path = None
-        if save_name.strip():
-            import folder_paths
-
-            path = engine.save_path_for(folder_paths.get_folder_paths("subject_diffusion")[0], save_name,
-                                        bool(overwrite))
+        path = _trainer_save_path(save_name, bool(overwrite))  # checked before training: a bad name costs no run
         examples = [st.Example(images[i], masks[i * s:(i + 1) * s], caps[i % len(caps)], labs[i % len(labs)])
                     for i in range(n)]
         trainer = st.SubjectTrainer(model, clip, vae, clip_vision, weights, examples, lr=learning_rate,
@@ -517,6 +527,19 @@ class SubjectDiffusionTrainer:
             engine.remove_checkpoint(rpath)
             lines.append(f"saved {path}")
         return (ad.apply_unet(model, result), result, "\n".join(lines))
+
+
+def _trainer_save_path(save_name: str, overwrite: bool = True) -> str | None:
+    """models/subject_diffusion/<save_name>.safetensors through the training engine's one save-name check, or None
+    for an empty name (do not save)."""
+    import folder_paths
+
+    from .nodes import training_engine as engine
+
+    require(isinstance(save_name, str), "save_name", "a file name", type(save_name).__name__)
+    if not save_name.strip():
+        return None
+    return engine.save_path_for(folder_paths.get_folder_paths("subject_diffusion")[0], save_name.strip(), overwrite)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -197,15 +198,23 @@ def check_model(weights: SubjectWeights, model, input_name: str = "weights") -> 
 def load_weights(path: str, input_name: str = "weights_name") -> SubjectWeights:
     from . import weights_io
 
-    tensors, meta = weights_io.load(path)
+    tensors, meta = weights_io.load(path, input_name=input_name)
     if meta.get("format") != FORMAT or "config" not in meta:
         raise InputError(input_name, f"a Subject-Diffusion weights file of this pack (metadata format {FORMAT}), "
                          "as saved by the Subject-Diffusion Trainer", f"metadata {sorted(meta)}")
-    cfg = json.loads(meta["config"])
-    mods = SubjectModules(cfg)
+    try:
+        cfg = json.loads(meta["config"])
+        mods = SubjectModules(cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(input_name, "a Subject-Diffusion weights file with a readable config (metadata)",
+                         f"{os.path.basename(path)}: {type(e).__name__} {e}"[:200]) from None
     expected = list(mods.state_dict().keys())
     weights_io.check_keys(tensors.keys(), expected, "Subject-Diffusion weights file", input_name)
-    mods.load_state_dict({k: tensors[k] for k in expected}, strict=True)
+    try:
+        mods.load_state_dict({k: tensors[k] for k in expected}, strict=True)
+    except RuntimeError as e:
+        raise InputError(input_name, "Subject-Diffusion weights whose tensors fit their config",
+                         f"{os.path.basename(path)}: {str(e).splitlines()[-1].strip()}"[:200]) from None
     mods.requires_grad_(False).eval()
     unet = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
     return SubjectWeights(cfg, mods, unet, meta.get("trained") == "true", int(meta.get("steps", "0") or 0))

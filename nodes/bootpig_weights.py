@@ -74,29 +74,32 @@ def load(path: str, model) -> tuple[dict, dict, str]:
         if not (os.path.isdir(ref_dir) and os.path.isdir(base_dir)):
             raise InputError("bootpig_name", "a .safetensors file in the pack format, or a folder with ref_unet/ and "
                              "base_unet/ (the official code's checkpoint layout)", os.path.basename(path))
-        ref_raw, _ = weights_io.load(_diffusers_file(ref_dir))
+        ref_raw, _ = weights_io.load(_diffusers_file(ref_dir), input_name="bootpig_name")
         probe = [v for k, v in ref_raw.items() if k.endswith("attn2.to_k.weight")]
         file_family = CONTEXT_DIM_FAMILY.get(int(probe[0].shape[1])) if probe else None
         _check_family(file_family, fam, path)
         cfg = base_model(model).model_config.unet_config
         ref = _from_diffusers(ref_raw, cfg, "ref_unet")
-        base_raw, _ = weights_io.load(_diffusers_file(base_dir))
+        base_raw, _ = weights_io.load(_diffusers_file(base_dir), input_name="bootpig_name")
         base_sd = _from_diffusers({k: v for k, v in base_raw.items() if ".attn1." in k}, cfg, "base_unet")
     else:
-        tensors, meta = weights_io.load(path)
+        tensors, meta = weights_io.load(path, input_name="bootpig_name")
         if meta.get("personalize.format") != FORMAT:
             raise InputError("bootpig_name", "a BootPIG weights file made by this pack (metadata personalize.format="
                              "bootpig)", f"{os.path.basename(path)} with format {meta.get('personalize.format')!r}")
         _check_family(meta.get("personalize.family"), fam, path)
         ref = {k[len(REF):]: v for k, v in tensors.items() if k.startswith(REF)}
         base_sd = {k[len(ATTN1):]: v for k, v in tensors.items() if k.startswith(ATTN1)}
+    shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    for part, sd in (("ref_unet", ref), ("base_attn1", base_sd)):
+        for k, v in sd.items():
+            want = shapes.get(k)
+            if want is not None and tuple(v.shape) != want:
+                raise InputError("bootpig_name", f"BootPIG weights made for this model's size ({part} {k}: {want})",
+                                 f"{os.path.basename(path)} with {tuple(v.shape)}: weights of another model size")
     weights_io.check_keys(ref.keys(), expected, "reference UNet (ref_unet.*)", "bootpig_name")
     weights_io.check_keys(base_sd.keys(), attn1_keys(expected), "set of base attn1 weights (base_attn1.*)",
                           "bootpig_name")
-    for k, v in ref.items():
-        want = unet.state_dict()[k].shape if k in expected else None
-        if want is not None and tuple(v.shape) != tuple(want):
-            raise InputError("bootpig_name", f"weights shaped like the model ({k}: {tuple(want)})", tuple(v.shape))
     return ref, base_sd, fam
 
 

@@ -39,6 +39,7 @@ from .trainable import out_of_place_clip
 from .errors import InputError, require
 from .training_engine import (TRAINING_DTYPES, fingerprint, sanitize_save_name, save_file,  # noqa: F401
                               save_path_for)
+from .validation import check_image
 from .weights_io import load as load_safetensors
 
 LOG = logging.getLogger("personalize.dreambooth")
@@ -123,6 +124,7 @@ def as_image_list(images, input_name: str = "instance_images") -> list[torch.Ten
     for im in images:
         require(isinstance(im, torch.Tensor) and im.ndim == 3 and im.shape[-1] in (3, 4) and min(im.shape[:2]) >= 8,
                 input_name, "images [H, W, 3] of at least 8x8 pixels", tuple(getattr(im, "shape", ())))
+        check_image(im, input_name)  # finite, 0..1: before any encoding or training (CLI runs too)
     return images
 
 

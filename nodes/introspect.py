@@ -89,3 +89,49 @@ def latent_channels(model) -> int:
     get = getattr(model, "get_model_object", None)
     conv = get("diffusion_model.input_blocks.0.0") if get else base_model(model).diffusion_model.input_blocks[0][0]
     return int(conv.weight.shape[1])
+
+
+class ModelShape(NamedTuple):
+    """What a UNet's attention features look like: family, base width, channel multipliers, res blocks and
+    transformer depths. References, templates and weights made on one shape only fit models of the same shape."""
+
+    family: str
+    model_channels: int
+    channel_mult: tuple
+    num_res_blocks: tuple
+    transformer_depth: tuple
+    transformer_depth_middle: int
+    transformer_depth_output: tuple
+
+    def describe(self) -> str:
+        blocks = sum(self.transformer_depth) + self.transformer_depth_middle + sum(self.transformer_depth_output)
+        return (f"an {FAMILY_NAMES.get(self.family, self.family)} UNet of width {self.model_channels} "
+                f"(x{','.join(str(m) for m in self.channel_mult)}, {blocks} transformer blocks)")
+
+
+def _ints(v) -> tuple:
+    if v is None:
+        return ()
+    if isinstance(v, int):
+        return (v,)
+    return tuple(int(x) for x in v)
+
+
+def shape(model, input_name: str = "model") -> ModelShape:
+    """The ModelShape of a MODEL (ModelPatcher or BaseModel), read from its unet_config."""
+    fam = family(model, input_name)
+    cfg = getattr(base_model(model).model_config, "unet_config", {}) or {}
+    return ModelShape(fam, int(cfg.get("model_channels", 0)), _ints(cfg.get("channel_mult")),
+                      _ints(cfg.get("num_res_blocks")), _ints(cfg.get("transformer_depth")),
+                      int(cfg.get("transformer_depth_middle") or 0), _ints(cfg.get("transformer_depth_output")))
+
+
+def require_same_shape(model, other, input_name: str, what: str, model_name: str = "model") -> None:
+    """InputError naming ``input_name`` when ``other`` (the model a reference/template/weights was made with) has
+    another shape than ``model``."""
+    want, got = shape(model, model_name), shape(other, input_name)
+    if want != got:
+        w, g = want.describe(), got.describe()
+        if w == g:
+            w, g = str(tuple(want)), str(tuple(got))
+        raise InputError(input_name, f"{what} {w}, the shape of '{model_name}'", f"{what} {g}")

@@ -39,9 +39,10 @@ def parse_boxes(text: str, input_name: str = "boxes") -> list[tuple[int, int, in
         nums = [p for p in re.split(r"[,\s]+", part.strip("()[]")) if p]
         try:
             vals = [int(round(float(v))) for v in nums]
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: 'inf'; ValueError: 'nan' or not a number
             vals = []
-        require(len(vals) == 4, input_name, "one box per line as 'x, y, w, h' in pixels", repr(part))
+        require(len(vals) == 4, input_name, "one box per line as 'x, y, w, h', four finite numbers in pixels",
+                repr(part))
         boxes.append(tuple(vals))
     return boxes
 

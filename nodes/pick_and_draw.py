@@ -112,6 +112,35 @@ def encode_text(clip, text: str) -> torch.Tensor:
     return cond.detach().float().cpu().clone()
 
 
+def prompt_context(clip, prompt: str) -> torch.Tensor:
+    """[1, L, C]: the encoding of ``prompt``'s start token, real tokens and first end token - what the sampler's
+    positive conditioning must start with for the token positions to be right (checked when sampling starts)."""
+    flat, key = _flat_ids(clip, prompt)
+    special = _special_ids(clip, key)
+    last = max([i for i, t in enumerate(flat) if t not in special], default=0)
+    return encode_text(clip, prompt)[:, :last + 2].clone()
+
+
+def check_prompts(spec, conds) -> None:
+    """InputError('prompt') when a term's prompt is not the text of the positive conditioning being sampled."""
+    from .validation import context_mismatch
+
+    entries = [c.get("model_conds", {}).get("c_crossattn") for c in conds or []]
+    contexts = [getattr(e, "cond", None) for e in entries if e is not None]
+    for term in spec.terms:
+        want = getattr(term, "prompt_context", None)
+        if want is None or term.weight == 0.0 or not contexts:
+            continue
+        where = [context_mismatch(want, c) for c in contexts]
+        if all(w is not None for w in where):
+            node = "Appearance Picking Guidance" if term.name == "appearance" else "Layout Drawing Guidance"
+            raise InputError("prompt", "the text of the positive prompt the sampler is given, encoded by the same "
+                             "CLIP (the subject word's token positions are read from it)",
+                             f"a prompt that differs from the positive conditioning from token {min(where)} on "
+                             f"({node})", "Give the guidance node's prompt and the positive CLIPTextEncode the same text "
+                             "(e.g. one String node linked to both)")
+
+
 # ---------------------------------------------------------------------------------------------------- layers
 def _output_level(unet_config: dict, block_id: int) -> int:
     levels = len(unet_config["channel_mult"])
@@ -194,6 +223,7 @@ class AppearanceTerm:
     reference_noise: str
     seed: int
     name: str = "appearance"
+    prompt_context: object = None  # guidance.prompt_context of the node's prompt, checked against the sampler's
 
 
 @dataclass(frozen=True, eq=False)
@@ -210,6 +240,7 @@ class LayoutTerm:
     template: object = None  # ModelPatcher of a separate template model, or None = this model without patches
     iterations: int = 1
     name: str = "layout"
+    prompt_context: object = None  # guidance.prompt_context of the node's prompt, checked against the sampler's
 
 
 class GuidanceSpec(PatchValue):
@@ -639,6 +670,9 @@ def sampler_sample_wrapper(executor, guider, sigmas, extra_args, callback, noise
     global LAST_RUN_LOG
     mo = extra_args.get("model_options", {})
     to = dict(mo.get("transformer_options", {}))
+    spec = to.get(SPEC_KEY)
+    if isinstance(spec, GuidanceSpec):
+        check_prompts(spec, getattr(guider, "conds", {}).get("positive"))  # before the first step
     run = RunState(sigmas=sigmas)
     to[RUN_KEY] = run
     extra_args = {**extra_args, "model_options": {**mo, "transformer_options": to}}

@@ -7,6 +7,8 @@ Subject-Diffusion's ``test.py`` keeps the most central mask. Holes inside the ch
 """
 from __future__ import annotations
 
+import math
+import os
 import re
 
 import numpy as np
@@ -40,26 +42,33 @@ def build(sd: dict | None = None, **config):
     from segment_anything.build_sam import _build_sam
 
     if sd is not None:
-        config = infer_config(sd)
+        try:
+            config = infer_config(sd)
+        except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
+            raise InputError("sam_name", "a Segment Anything checkpoint (image_encoder/prompt_encoder/mask_decoder "
+                             "keys)", f"a file without the expected key {e}") from None
     sam = _build_sam(checkpoint=None, **config)
     if sd is not None:
-        missing, unexpected = sam.load_state_dict(sd, strict=False)
+        try:
+            missing, unexpected = sam.load_state_dict(sd, strict=False)
+        except RuntimeError as e:
+            raise InputError("sam_name", "a Segment Anything checkpoint whose tensors fit its architecture",
+                             str(e).splitlines()[-1].strip()[:200]) from None
         if missing:
             raise InputError("sam_name", "a complete Segment Anything checkpoint", f"{len(missing)} missing keys, "
                              f"e.g. {missing[:3]}")
     return sam.eval()
 
 
-def load(path: str):
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def load(path: str, input_name: str = "sam_name"):
+    from . import weights_io
 
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
-            sd = sd["model"]
-    require(isinstance(sd, dict), "sam_name", "a SAM state dict", type(sd).__name__)
+    # .safetensors, or Meta's .pth read with torch.load(weights_only=True): never a pickle of Python objects
+    sd, _ = weights_io.load(path, input_name=input_name, allow_torch=True)
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]
+    require(isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values()), input_name,
+            "a SAM state dict (tensors by key)", f"{os.path.basename(path)}: a {type(sd).__name__}")
     return build(sd)
 
 
@@ -74,7 +83,8 @@ def parse_points(text: str, input_name: str) -> list[tuple[float, float]]:
             xy = [float(v) for v in vals]
         except ValueError:
             xy = []
-        require(len(xy) == 2, input_name, "one point per line as 'x, y' in pixels", repr(part))
+        require(len(xy) == 2 and all(math.isfinite(v) for v in xy), input_name,
+                "one point per line as 'x, y', two finite numbers in pixels", repr(part))
         pts.append((xy[0], xy[1]))
     return pts
 

@@ -283,6 +283,10 @@ def save_path_for(directory: str, name: str, overwrite: bool, input_name: str = 
     root = os.path.realpath(directory)
     path = os.path.realpath(os.path.join(root, name + ".safetensors"))
     require(os.path.commonpath([root, path]) == root, input_name, f"a name inside {root}", repr(name))
+    from .weights_io import check_file_name
+
+    # the final name, its checkpoint and the temporary names must fit the file system: checked before training
+    check_file_name(path, input_name, also=[checkpoint_path(path)])
     if os.path.exists(path) and not overwrite:
         raise InputError(input_name, "a name that does not exist yet", f"{name}.safetensors (already in {root})",
                          hint="choose another save_name or set overwrite to true")

@@ -499,7 +499,9 @@ def test_parent_model_unchanged(tiny_sd15, expanded, zero_weights, clip_vision):
     assert tiny_sd15.object_patches == {} and not tiny_sd15.wrappers.get("apply_model")
     assert repr(sorted(tiny_sd15.model_options.get("transformer_options", {}).keys())) == opts_before
     assert tiny_sd15.model.diffusion_model.input_blocks[0][0].weight.shape[1] == 4
-    assert loc.find_location(exp2) is None and loc.find_location(m) is not None
+    # the expanded parent keeps its own "no location" (all-zero) channel; the placed location lives on the clone
+    assert float(loc.find_location(exp2).channel.abs().sum()) == 0.0
+    assert loc.find_location(m) is not loc.find_location(exp2) and float(loc.find_location(m).channel.max()) == 1.0
 
 
 # ------------------------------------------------------------------------------------------------- workflow
