@@ -15,7 +15,7 @@ from personalize import bootpig_nodes as B
 from personalize import dreambooth_nodes as D
 from personalize import pick_and_draw_nodes as P
 from personalize import subject_diffusion_nodes as S
-from personalize.nodes import guidance as G
+from personalize.nodes import pick_and_draw as G
 from personalize.nodes import weights_io
 from personalize.nodes.errors import InputError
 from personalize.toyworld import model as tw_model
@@ -378,7 +378,7 @@ def test_over_http_nan_and_linked_values_fail_the_node_naming_the_input(server, 
 
 def test_headless_dreambooth_training_refuses_nan_images_before_training(tiny_sd15, clip, vae, photos, folders):
     """The same loop without the node (python -m scripts.train_dreambooth): the data is checked before training."""
-    from personalize.nodes import training
+    from personalize.nodes import dreambooth as training
 
     bad = photos.clone()
     bad[0, 0, 0, 0] = INF

@@ -33,7 +33,7 @@ def valid_objects(tiny_sd15, tmp_path_factory):
     import comfy.clip_vision
 
     from personalize.nodes import adapters as ad
-    from personalize.nodes import guidance as G
+    from personalize.nodes import pick_and_draw as G
     from personalize.nodes import location as loc
     from personalize.nodes import sam as sam_lib
     from personalize.nodes.reference_attention import ReferenceSet
