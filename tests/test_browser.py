@@ -142,14 +142,14 @@ def test_example_workflow_is_laid_out_left_to_right_without_overlap_and_grouped(
     page = shared_page
     data = json.loads(path.read_text())
     load_workflow(page, data)
-    nodes = {n["id"]: n for n in B.node_boxes(page)}
+    nodes = {int(n["id"]): n for n in B.node_boxes(page)}  # newer frontends give ids as strings
     groups = B.group_boxes(page)
     fix = FIX.format(name=path.name)
     bad = [f"{B.describe(a)} overlaps {B.describe(b)}" for a, b in B.overlaps(list(nodes.values()))]
     assert not bad, f"{path.name}: overlapping nodes in the page:\n  " + "\n  ".join(bad) + f"\n{fix}"
     backwards = []
     for link in data["links"]:
-        src, dst = nodes[link[1]], nodes[link[3]]
+        src, dst = nodes[int(link[1])], nodes[int(link[3])]
         if src["box"][0] + src["box"][2] > dst["box"][0]:
             backwards.append(f"{B.describe(src)} -> {B.describe(dst)}")
     assert not backwards, f"{path.name}: links that do not run left to right:\n  " + "\n  ".join(backwards) + \
