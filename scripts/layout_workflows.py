@@ -168,7 +168,7 @@ def layout(data: dict, sizes: dict[int, list[float]], object_info: dict) -> dict
                            "bounding": [int(x0), int(y0), int(x1 - x0), int(bottom - y0)]})
             for c in span:
                 floor[c] = bottom + BAND_GAP
-    y = max(max(n["pos"][1] + n["size"][1] for n in nodes.values()),
+    y = max(max(n["pos"][1] + n["size"][1] for i, n in nodes.items() if i not in free_notes),
             max((g["bounding"][1] + g["bounding"][3] for g in groups), default=0)) + 40
     data["groups"] = groups
     # the workflow's own (longer) notes: a row under everything, so that their width widens no column
