@@ -13,7 +13,7 @@ the pack's toy-world model, which runs on a CPU in seconds:
   workflow's own; muted nodes stay muted.
 
 The image of the SaveImage node fed by the last VAE Decode becomes the thumbnail: up to 4 images in a 2x2 grid,
-256x256 px, JPEG quality 85 (a few tens of KB). Deterministic: the workflows' seeds are fixed.
+256x256 px, JPEG quality 85 (about 6-10 KB). Reproducible: the workflows' seeds are fixed (same machine, same images).
 """
 from __future__ import annotations
 
