@@ -3,6 +3,8 @@
 #   make test   set up the host and run the tests
 #   make bench-quality   the toy DreamBench quality table (BENCH_ARGS=--quick for a short run)
 #   make demo-sd15       the BootPIG workflow on a generated full-size SD1.5 checkpoint (random weights: noise images)
+#   make test-frontend-latest   the browser tests against the newest comfyui-frontend-package (pinned server)
+#   make layout / make thumbnails   lay out the example workflows in the page / render their template thumbnails
 PY := .venv/bin/python
 # the pack's own trained toy model (weights/toyworld): text to image, 4 images of one prompt
 DEMO_WORKFLOW ?= example_workflows/toyworld_txt2img.json
@@ -12,7 +14,9 @@ PYTEST_ARGS ?=
 SD15_ARGS ?= --set EmptyLatentImage.width=128 --set EmptyLatentImage.height=128 --set KSampler.steps=4 \
 	--set PersonalizeBootPIGReferenceEncoder.resolution=128
 
-.PHONY: setup demo demo-sd15 test checkpoint bench-quality clean
+FRONTEND_LATEST ?= .cache/frontend-latest
+
+.PHONY: setup demo demo-sd15 test test-frontend-latest layout thumbnails checkpoint bench-quality clean
 
 setup:
 	bash scripts/setup.sh
@@ -28,6 +32,17 @@ demo-sd15: checkpoint
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the newest frontend package into its own folder (never the venv), served by the pinned server through PYTHONPATH
+test-frontend-latest: setup checkpoint
+	$(PY) -m pip install --disable-pip-version-check -q --upgrade --no-deps --target $(FRONTEND_LATEST) comfyui-frontend-package
+	PERSONALIZE_FRONTEND_PATH=$(FRONTEND_LATEST) $(PY) -m pytest tests/test_browser.py $(PYTEST_ARGS)
+
+layout: setup
+	$(PY) -m scripts.layout_workflows $(FILES)
+
+thumbnails: setup
+	$(PY) -m scripts.thumbnails $(FILES)
 
 bench-quality: setup
 	$(PY) scripts/bench_quality.py $(BENCH_ARGS)

@@ -31,9 +31,10 @@ class DreamBoothLoRATrainer:
     DESCRIPTION = ("DreamBooth LoRA with prior preservation: learns a subject from 3-5 photos so that the instance "
                    "prompt ('a photo of sks dog') draws it. Class images of the plain class are sampled by the frozen "
                    "model and cached; each step trains on instance and class examples together (loss = instance MSE "
-                   "+ prior weight x class MSE). Saves a kohya-format LoRA into models/loras (loads in LoraLoader, "
-                   "A1111, kohya tools) and returns the model and CLIP with it applied. Cancel stops it; rerunning "
-                   "with the same save name resumes from the last checkpoint.")
+                   "+ prior weight x class MSE). Saves a LoRA into models/loras with kohya's keys (SD1.5/SD2: "
+                   "diffusers paths; SDXL: LDM paths): ComfyUI's LoraLoader maps every key (tested); kohya's tools "
+                   "and A1111/Forge read the same naming. It returns the model and CLIP with it applied. Cancel "
+                   "stops it; rerunning with the same save name resumes from the last checkpoint.")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -396,8 +396,7 @@ class SubjectMaskSAM:
     CATEGORY = CATEGORY
 
     def segment(self, sam_model, image, box="", points="", negative_points="", points_per_side=32, fill_holes=True):
-        from segment_anything.modeling import Sam
-
+        Sam = sam_lib.sam_class()
         require(isinstance(sam_model, Sam), "sam_model", "a SAM_MODEL from SAM Loader", type(sam_model).__name__)
         require(isinstance(image, torch.Tensor) and image.ndim == 4, "image", "an IMAGE [B, H, W, 3]",
                 tuple(getattr(image, "shape", ())))

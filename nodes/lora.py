@@ -6,9 +6,14 @@
   the copy never touches the original model.
 - ``LoRALinear`` / ``LoRAConv1x1``: ``y = base(x) + up(down(x)) * alpha / rank`` (kohya init: down kaiming-uniform,
   up zero, so a fresh LoRA changes nothing).
-- ``inject_unet`` / ``inject_text_encoder``: wrap the target layers, named by their kohya keys
-  (``lora_unet_<diffusers path>``, ``lora_te_text_model_encoder_layers_<i>_<layer>``, ``lora_te1_``/``lora_te2_`` on
-  SDXL), the names that ComfyUI's LoraLoader, A1111 and kohya's tools all map.
+- ``unet_target_names`` / ``text_encoder_target_names``: the target layers, named by their kohya keys, the naming rule
+  of kohya's sd-scripts (``networks/lora.py``: ``"lora_unet_" + module path`` with ``.`` -> ``_``) over the UNet that
+  kohya builds for each family:
+  - SD1.5 / SD2: diffusers' ``UNet2DConditionModel`` paths (``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``),
+    text encoder ``lora_te_text_model_encoder_layers_<i>_<layer>``;
+  - SDXL: kohya's ``SdxlUNet2DConditionModel``, whose module paths are the LDM (original checkpoint) paths
+    (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), text encoders ``lora_te1_`` / ``lora_te2_``.
+  ComfyUI's ``LoraLoader`` maps both UNet namings (``comfy.lora.model_lora_keys_unet``).
 - ``state_dict`` / ``load_into``: ``<key>.lora_down.weight``, ``<key>.lora_up.weight``, ``<key>.alpha``.
 """
 from __future__ import annotations
@@ -107,15 +112,32 @@ def _set(root: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
+def kohya_unet_key(path: str) -> str:
+    """kohya's key for a UNet module path (sd-scripts networks/lora.py: prefix + path, dots to underscores)."""
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def uses_ldm_names(unet_config: dict) -> bool:
+    """True for SDXL UNets (context_dim 2048: SDXL base and its fine-tunes/inpaint variants), whose kohya keys are
+    LDM paths; False for SD1.5 (768) and SD2 (1024), whose kohya keys are diffusers paths."""
+    return unet_config.get("context_dim") == 2048
+
+
 def unet_target_names(unet: torch.nn.Module, unet_config: dict, targets: str = "attention") -> dict[str, str]:
-    """{ldm module path: kohya key} for the targeted layers of a ComfyUI UNet, in module order."""
+    """{ldm module path: kohya key} for the targeted layers of a ComfyUI UNet, in module order.
+
+    SD1.5 / SD2: ``lora_unet_<diffusers path>`` (via ``comfy.utils.unet_to_diffusers``); SDXL: ``lora_unet_<ldm
+    path>``, as kohya's sd-scripts name them for each family."""
     import comfy.utils
     from comfy.ldm.modules.attention import SpatialTransformer
 
     if targets not in UNET_TARGETS:
         raise InputError("targets", f"one of {tuple(UNET_TARGETS)}", repr(targets))
-    to_diffusers = {v[:-len(".weight")]: k[:-len(".weight")]
-                    for k, v in comfy.utils.unet_to_diffusers(unet_config).items() if k.endswith(".weight")}
+    if uses_ldm_names(unet_config):
+        to_diffusers = {}
+    else:
+        to_diffusers = {v[:-len(".weight")]: k[:-len(".weight")]
+                        for k, v in comfy.utils.unet_to_diffusers(unet_config).items() if k.endswith(".weight")}
     suffixes = UNET_TARGETS[targets]
     names: dict[str, str] = {}
     for tname, tmod in unet.named_modules():
@@ -129,7 +151,7 @@ def unet_target_names(unet: torch.nn.Module, unet_config: dict, targets: str = "
             if sub.count(".") > 0 and not sub.startswith("transformer_blocks."):
                 continue
             path = f"{tname}.{sub}"
-            names[path] = "lora_unet_" + to_diffusers.get(path, path).replace(".", "_")
+            names[path] = kohya_unet_key(to_diffusers.get(path, path))
     return names
 
 

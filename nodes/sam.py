@@ -1,5 +1,8 @@
 """Subject masks with Segment Anything (``segment-anything`` from PyPI, Meta's reference implementation).
 
+segment-anything is optional: nothing imports it until a SAM node runs, and then ``segment_anything()`` raises
+``SegmentAnythingMissing`` (an ImportError saying how to install it) where it is missing.
+
 Checkpoints come from ``models/sams/`` and are read with ``torch.load(weights_only=True)`` (or safetensors); the
 architecture (ViT-B / L / H or any other size) is read off the state dict, so no config is needed. Prompts: a box,
 points, or nothing - then the mask most central in the image from the automatic mask generator is kept, as
@@ -17,6 +20,30 @@ import torch
 from .errors import InputError, require
 
 SAM_IMAGE_SIZE = 1024
+INSTALL_HINT = "Install it into ComfyUI's Python (`python -m pip install segment-anything`) and restart ComfyUI"
+
+
+class SegmentAnythingMissing(ImportError):
+    """The optional package segment-anything is not installed: only the SAM nodes need it."""
+
+    def __init__(self, what: str = "The SAM nodes (SAM Loader, Subject Mask (SAM))"):
+        super().__init__(f"Personalize: {what} need the Python package segment-anything (Meta's Segment Anything), "
+                         f"which is not installed. {INSTALL_HINT}. The rest of the pack works without it.")
+
+
+def segment_anything(module: str = ""):
+    """``segment_anything`` (or its submodule ``module``), or SegmentAnythingMissing with the install command."""
+    import importlib
+
+    try:
+        return importlib.import_module("segment_anything" + (f".{module}" if module else ""))
+    except ImportError as e:
+        raise SegmentAnythingMissing() from e
+
+
+def sam_class():
+    """segment_anything's ``Sam`` model class (for type checks), or SegmentAnythingMissing."""
+    return segment_anything("modeling").Sam
 
 
 def infer_config(sd: dict) -> dict:
@@ -39,7 +66,7 @@ def infer_config(sd: dict) -> dict:
 def build(sd: dict | None = None, **config):
     """A SAM of the real architecture: from a state dict (architecture inferred), or randomly initialised from
     ``config`` (tests: small dims, never a download)."""
-    from segment_anything.build_sam import _build_sam
+    _build_sam = segment_anything("build_sam")._build_sam
 
     if sd is not None:
         try:
@@ -62,6 +89,8 @@ def build(sd: dict | None = None, **config):
 
 def load(path: str, input_name: str = "sam_name"):
     from . import weights_io
+
+    segment_anything()  # before reading a checkpoint of gigabytes
 
     # .safetensors, or Meta's .pth read with torch.load(weights_only=True): never a pickle of Python objects
     sd, _ = weights_io.load(path, input_name=input_name, allow_torch=True)
@@ -111,7 +140,8 @@ def most_central(masks: list[np.ndarray], h: int, w: int) -> np.ndarray | None:
 def segment(sam, image: torch.Tensor, box=None, points=(), negative_points=(), points_per_side: int = 16,
             fill: bool = True) -> torch.Tensor:
     """One IMAGE [H, W, 3] (0..1) -> binary mask [H, W] (float 0/1). ``box`` (x, y, w, h) pixels."""
-    from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+    sa = segment_anything()
+    SamAutomaticMaskGenerator, SamPredictor = sa.SamAutomaticMaskGenerator, sa.SamPredictor
 
     h, w = int(image.shape[0]), int(image.shape[1])
     arr = (image[..., :3].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()

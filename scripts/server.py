@@ -40,7 +40,11 @@ class LocalServer:
     """``python main.py --listen 127.0.0.1 --port N`` in a child process, with the pack's generated models added."""
 
     def __init__(self, comfyui_root: Path | None = None, python: str | None = None, output_dir: Path | None = None,
-                 extra_args: list[str] | None = None, startup_timeout: float = 180.0):
+                 extra_args: list[str] | None = None, startup_timeout: float = 180.0,
+                 frontend_path: str | os.PathLike | None = None):
+        """``frontend_path`` (default: $PERSONALIZE_FRONTEND_PATH): a folder holding another
+        ``comfyui_frontend_package`` (``pip install --target``), put first on the server's PYTHONPATH so that the
+        pinned server serves that frontend (``make test-frontend-latest``)."""
         from . import host
 
         self.root = Path(comfyui_root) if comfyui_root else host.comfyui_root()
@@ -53,6 +57,11 @@ class LocalServer:
         self.log_path = self.work / "server.log"
         self.extra_args = list(extra_args or [])
         self.startup_timeout = startup_timeout
+        fp = frontend_path if frontend_path is not None else os.environ.get("PERSONALIZE_FRONTEND_PATH") or None
+        self.frontend_path = Path(fp).resolve() if fp else None
+        if self.frontend_path and not (self.frontend_path / "comfyui_frontend_package").is_dir():
+            raise RuntimeError(f"frontend path {self.frontend_path} holds no comfyui_frontend_package "
+                               "(pip install --target DIR comfyui-frontend-package)")
         self.proc: subprocess.Popen | None = None
         self._yaml = host.extra_model_paths_yaml(self.work / "extra_model_paths.yaml")
         # a private input folder seeded with ComfyUI's own inputs (example.png) and the pack's example inputs
@@ -76,6 +85,9 @@ class LocalServer:
             cmd.append("--cpu")
         cmd += self.extra_args
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.frontend_path:
+            env["PYTHONPATH"] = os.pathsep.join([str(self.frontend_path)] + [
+                p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         self._log = open(self.log_path, "w")
         atexit.register(self.stop)  # never leave a server behind, whatever happens to the caller
         self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=self._log, stderr=subprocess.STDOUT, env=env,

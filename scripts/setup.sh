@@ -65,6 +65,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# comfy-cli's UI->API converter, which tests/test_workflow_convert.py holds ours equal to. Only the converter is
+# used: comfy-cli with its full dependencies is ~300 MB (ffmpeg, uv, ruff binaries), so it goes without them into
+# its own folder (its converter needs typer, rich and pyyaml, which ComfyUI's requirements bring, and pathspec).
+COMFY_CLI_SPEC="${COMFY_CLI_SPEC:-comfy-cli==1.23.0}"
+cli_dir="$here/.cache/comfy-cli"
+if [ "$(cat "$cli_dir/.spec" 2>/dev/null)" != "$COMFY_CLI_SPEC" ]; then
+  log "installing $COMFY_CLI_SPEC (converter only, no dependencies) into .cache/comfy-cli"
+  rm -rf "$cli_dir"
+  pip install --no-deps --target "$cli_dir" "$COMFY_CLI_SPEC" pathspec
+  echo "$COMFY_CLI_SPEC" > "$cli_dir/.spec"
+fi
+
 # The browser tests drive Debian's Chromium (never a downloaded browser). Installed with apt where we are root;
 # PERSONALIZE_NO_BROWSER=1 skips it (the browser tests then fail and say why).
 if [ -z "${PERSONALIZE_NO_BROWSER:-}" ] && [ ! -x /usr/bin/chromium ]; then

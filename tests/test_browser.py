@@ -3,66 +3,60 @@
 For every example workflow: loading it the way a drop does (the frontend's own loadGraphData) shows no missing-node
 dialog and no error toast, every pack node is drawn with its widgets, a screenshot is saved under
 artifacts/browser/, and the frontend's graphToPrompt equals the headless CLI's conversion. The templates browser lists
-the pack's workflows under its name, and one workflow queued from the page runs and shows its image in the queue.
+the pack's workflows under its name with their thumbnails; every example is laid out left to right without overlap
+(bounding boxes read from the page) with its technique grouped; one workflow queued from the page runs and the page
+fetches its image. Only frontend features stable across versions are used (scripts/browser.py): the same tests pass
+on the pinned frontend and, with PERSONALIZE_FRONTEND_PATH (``make test-frontend-latest``), on the newest one.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from scripts import browser as B
 from scripts import workflow as wf
 from scripts.server import get_json
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts" / "browser"
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
-CHROMIUM = os.environ.get("PERSONALIZE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM):
-        pytest.fail(f"Chromium is not installed at {CHROMIUM}: the browser tests need it (scripts/setup.sh installs "
-                    "Debian's chromium with apt-get; set PERSONALIZE_CHROMIUM to another binary)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("the Python package playwright is missing: run `make setup` (requirements-dev.txt)")
+    problem = B.chromium_problem()
+    if problem:
+        pytest.fail(problem)
+    from playwright.sync_api import sync_playwright
+
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        b = B.launch(p)
         yield b
         b.close()
 
 
 @pytest.fixture
 def page(browser, server):
-    # a returning user: no first-run template dialog
-    req = urllib.request.Request(f"{server.url}/settings/Comfy.TutorialCompleted", data=b"true", method="POST",
-                                 headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(req, timeout=30).read()
-    ctx = browser.new_context(viewport={"width": 1920, "height": 1080}, user_agent="personalize-tests")
-    pg = ctx.new_page()
-    pg.errors = []
-    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
-    pg.goto(server.url, wait_until="load")
-    pg.wait_for_function("() => window.app && window.app.graph && window.LiteGraph && "
-                         "Object.keys(window.LiteGraph.registered_node_types).length > 100", timeout=120_000)
+    pg = B.open_page(browser, server.url)
     yield pg
-    ctx.close()
+    pg.context.close()
+
+
+@pytest.fixture(scope="module")
+def shared_page(browser, server):
+    """One page for the tests that only load workflows (loadGraphData replaces the whole graph)."""
+    pg = B.open_page(browser, server.url)
+    yield pg
+    pg.context.close()
 
 
 def load_workflow(pg, data):
-    pg.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", data)
-    pg.wait_for_timeout(800)
+    B.load_workflow(pg, data)
 
 
 def visible_problems(pg):
@@ -78,16 +72,36 @@ def visible_problems(pg):
     }""")
 
 
+def pack_version(path: Path | None) -> str:
+    """The comfyui-frontend-package version installed in ``path`` (a --target folder) or in this venv."""
+    from importlib import metadata
+
+    if path is None:
+        return metadata.version("comfyui-frontend-package")
+    dists = list(path.glob("comfyui_frontend_package-*.dist-info"))
+    assert dists, f"no comfyui_frontend_package dist-info in {path}"
+    return dists[0].name[len("comfyui_frontend_package-"):-len(".dist-info")]
+
+
+def test_the_page_runs_the_frontend_asked_for(shared_page, server):
+    """The pinned one, or with PERSONALIZE_FRONTEND_PATH (make test-frontend-latest) the one installed there."""
+    want = pack_version(server.frontend_path)
+    got = B.frontend_version(shared_page)
+    (ARTIFACTS / "frontend_version.txt").write_text(got + "\n")
+    assert got == want, f"the page runs frontend {got!r}, expected {want!r} ({server.frontend_path or 'pinned'})"
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
-def test_example_workflow_loads_draws_and_converts_like_the_cli(page, server, path):
+def test_example_workflow_loads_draws_and_converts_like_the_cli(shared_page, server, path):
+    page = shared_page
+    page.errors.clear()
     data = json.loads(path.read_text())
     load_workflow(page, data)
     assert visible_problems(page) == []
-    missing = page.evaluate("() => app.graph._nodes.filter(n => !LiteGraph.registered_node_types[n.type])"
-                            ".map(n => n.type)")
+    drawn = B.node_boxes(page)
+    missing = page.evaluate("(types) => types.filter(t => !LiteGraph.registered_node_types[t])",
+                            [n["type"] for n in drawn])
     assert missing == [], f"missing node types in {path.name}: {missing}"
-    drawn = page.evaluate("() => app.graph._nodes.map(n => ({id: n.id, type: n.type, "
-                          "widgets: (n.widgets || []).map(w => w.name), size: n.size}))")
     assert len(drawn) == len(data["nodes"])
     info = get_json(f"{server.url}/object_info")
     pack = [n for n in drawn if n["type"].startswith("Personalize")]
@@ -115,25 +129,102 @@ def test_example_workflow_loads_draws_and_converts_like_the_cli(page, server, pa
     assert page.errors == [], page.errors
 
 
-def test_templates_browser_lists_the_pack_under_its_name(page, server):
+FIX = "lay it out with `python -m scripts.layout_workflows example_workflows/{name}` (see its docstring)"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_example_workflow_is_laid_out_left_to_right_without_overlap_and_grouped(shared_page, server, path):
+    """Bounding boxes as the page lays the nodes out (title bars included): no two nodes overlap, every link runs
+    left to right, each technique's nodes sit in a group titled with the technique that also holds a note, and no
+    other node reaches into a group."""
+    from scripts.layout_workflows import TECHNIQUES
+
+    page = shared_page
+    data = json.loads(path.read_text())
+    load_workflow(page, data)
+    nodes = {int(n["id"]): n for n in B.node_boxes(page)}  # newer frontends give ids as strings
+    groups = B.group_boxes(page)
+    fix = FIX.format(name=path.name)
+    bad = [f"{B.describe(a)} overlaps {B.describe(b)}" for a, b in B.overlaps(list(nodes.values()))]
+    assert not bad, f"{path.name}: overlapping nodes in the page:\n  " + "\n  ".join(bad) + f"\n{fix}"
+    backwards = []
+    for link in data["links"]:
+        src, dst = nodes[int(link[1])], nodes[int(link[3])]
+        if src["box"][0] + src["box"][2] > dst["box"][0]:
+            backwards.append(f"{B.describe(src)} -> {B.describe(dst)}")
+    assert not backwards, f"{path.name}: links that do not run left to right:\n  " + "\n  ".join(backwards) + \
+        f"\n{fix}"
+    info = get_json(f"{server.url}/object_info")
+    by_title = {g["title"]: g for g in groups}
+    problems = []
+    inside: dict[str, list[dict]] = {g["title"]: [] for g in groups}
+    for n in nodes.values():
+        for g in groups:
+            if B.contains(g["box"], n["box"]):
+                inside[g["title"]].append(n)
+            elif B.intersects(g["box"], n["box"]):
+                problems.append(f"{B.describe(n)} reaches into group '{g['title']}'")
+    for n in nodes.values():
+        cat = (info.get(n["type"]) or {}).get("category", "")
+        if cat in TECHNIQUES:
+            title = TECHNIQUES[cat][0]
+            if title not in by_title or n not in inside[title]:
+                problems.append(f"{B.describe(n)} is not inside a group titled '{title}'")
+    for title, members in inside.items():
+        if not any(m["type"] in ("Note", "MarkdownNote") for m in members):
+            problems.append(f"group '{title}' holds no note")
+        if not any(m["type"].startswith("Personalize") for m in members):
+            problems.append(f"group '{title}' holds no node of the pack")
+    for i, g in enumerate(groups):
+        for h in groups[i + 1:]:
+            if B.intersects(g["box"], h["box"]):
+                problems.append(f"groups '{g['title']}' and '{h['title']}' overlap")
+    assert groups and not problems, f"{path.name}: " + ("; ".join(problems) or "no group") + f"\n{fix}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_every_template_has_its_thumbnail(server, path):
+    """ComfyUI's template browser shows <name>.jpg next to <name>.json: a small JPEG, served by the server."""
+    from PIL import Image
+
+    jpg = path.with_suffix(".jpg")
+    assert jpg.is_file(), (f"{path.name} has no thumbnail {jpg.name}: render it with "
+                           f"`python -m scripts.thumbnails example_workflows/{path.name}`")
+    with Image.open(jpg) as im:
+        assert im.format == "JPEG" and min(im.size) >= 64, (im.format, im.size)
+    assert jpg.stat().st_size < 100_000, f"{jpg.name} is {jpg.stat().st_size} bytes: keep thumbnails small"
+    with urllib.request.urlopen(f"{server.url}/api/workflow_templates/personalize/{jpg.name}", timeout=30) as r:
+        assert r.status == 200 and r.read() == jpg.read_bytes()
+
+
+def test_templates_browser_lists_the_pack_under_its_name_with_thumbnails(page, server):
     listed = get_json(f"{server.url}/api/workflow_templates")
     assert sorted(listed.get("personalize", [])) == sorted(p.stem for p in WORKFLOWS)
+    fetched = []
+    page.on("response", lambda r: fetched.append((r.url, r.status)) if ".jpg" in r.url else None)
     page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     page.get_by_text("personalize", exact=True).first.click(timeout=30_000)
     for p in WORKFLOWS:
         page.get_by_text(p.stem, exact=True).first.wait_for(timeout=30_000)
+    page.wait_for_timeout(1500)
     page.screenshot(path=str(ARTIFACTS / "templates_browser.png"))
+    shown = {url.rsplit("/", 1)[-1].split("?")[0] for url, status in fetched if status == 200}
+    missing = [p.stem for p in WORKFLOWS if f"{p.stem}.jpg" not in shown]
+    assert not missing, f"the template browser fetched no thumbnail for {missing} (fetched: {sorted(shown)})"
 
 
 def test_queue_from_the_page_runs_and_shows_the_image(page, server):
-    data = json.loads((REPO / "example_workflows" / "bootpig_reference.json").read_text())
+    """Queued from the page (app.queuePrompt), the toy world's text-to-image runs; the result is read from the
+    server's /history and the page fetches the saved image to show it (/view): no sidebar or panel internals."""
+    data = json.loads((REPO / "example_workflows" / "toyworld_txt2img.json").read_text())
     load_workflow(page, data)
-    page.evaluate("""() => {
-        const set = (type, name, v) => { for (const n of app.graph._nodes.filter(n => n.type === type))
+    page.evaluate("""() => {  // a short run: one image, 6 steps (widget values, as a user would set them)
+        const set = (type, name, v) => { for (const n of (app.graph.nodes || app.graph._nodes).filter(n => n.type === type))
             n.widgets.find(w => w.name === name).value = v; };
-        set('EmptyLatentImage', 'width', 64); set('EmptyLatentImage', 'height', 64);
-        set('KSampler', 'steps', 2); set('PersonalizeBootPIGReferenceEncoder', 'resolution', 64);
+        set('EmptyLatentImage', 'batch_size', 1); set('KSampler', 'steps', 6);
     }""")
+    viewed = []
+    page.on("request", lambda r: viewed.append(r.url) if "/view?" in r.url else None)
     before = set(get_json(f"{server.url}/history"))
     page.evaluate("async () => { await app.queuePrompt(0, 1) }")
     deadline, entry = time.time() + 600, None
@@ -147,10 +238,11 @@ def test_queue_from_the_page_runs_and_shows_the_image(page, server):
     assert entry is not None, server.log_tail()
     assert entry["status"]["status_str"] == "success", entry["status"]
     images = [i for out in entry["outputs"].values() for i in out.get("images", [])]
-    assert images and images[0]["filename"].startswith("personalize_bootpig")
-    # the page received the result: the SaveImage node's output and the queue panel show the image
-    page.wait_for_function("() => app.nodeOutputs && Object.values(app.nodeOutputs).some(o => o.images && "
-                           "o.images.some(i => i.filename.startsWith('personalize_bootpig')))", timeout=60_000)
-    page.evaluate("() => app.extensionManager.command.execute('Workspace.ToggleSidebarTab.queue')")
-    page.wait_for_selector(f"img[src*='{images[0]['filename']}']", timeout=60_000)
+    assert images and images[0]["filename"].startswith("toyworld")
+    name = images[0]["filename"]
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(f"filename={name}" in u for u in viewed):
+        page.wait_for_timeout(250)
+    assert any(f"filename={name}" in u for u in viewed), f"the page never fetched {name}; it fetched {viewed}"
+    page.wait_for_timeout(500)
     page.screenshot(path=str(ARTIFACTS / "queued_from_page.png"))

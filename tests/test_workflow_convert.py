@@ -110,3 +110,40 @@ def test_example_workflows_widget_values_fit_their_nodes(server):
             assert len(n["widgets_values"]) == expected, (
                 f"{f.name} node {n['id']} ({n['type']}): {len(n['widgets_values'])} widget values, the page expects "
                 f"{expected} ({[name for name, _ in wf.widget_inputs(info[n['type']])]})")
+
+
+COMFY_CLI = REPO / ".cache" / "comfy-cli"
+
+
+@pytest.fixture(scope="module")
+def comfy_cli_convert():
+    """comfy-cli's convert_ui_to_api (what `comfy run --workflow X.json` sends), from .cache/comfy-cli."""
+    import sys
+
+    if not (COMFY_CLI / "comfy_cli").is_dir():
+        pytest.fail("comfy-cli is not installed in .cache/comfy-cli: run `make setup` (scripts/setup.sh)")
+    sys.path.append(str(COMFY_CLI))  # last: it must not shadow anything of the venv
+    try:
+        from comfy_cli.workflow_to_api import convert_ui_to_api
+    finally:
+        sys.path.remove(str(COMFY_CLI))
+    return convert_ui_to_api
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "example_workflows").glob("*.json")), ids=lambda p: p.stem)
+def test_conversion_equals_comfy_cli_on_every_example(server, comfy_cli_convert, path):
+    """`python -m scripts.run_workflow X.json` and `comfy run --workflow X.json` queue the same API prompt."""
+    from scripts.server import get_json
+
+    info = get_json(f"{server.url}/object_info")
+    data = json.loads(path.read_text())
+    ours = wf.ui_to_api(data, info)
+    theirs = comfy_cli_convert(json.loads(path.read_text()), info)
+
+    def norm(api):
+        return {k: (v["class_type"], json.loads(json.dumps(v["inputs"]))) for k, v in api.items()}
+
+    a, b = norm(ours), norm(theirs)
+    diffs = [f"node {k}: ours {a.get(k)} vs comfy-cli {b.get(k)}" for k in sorted(set(a) | set(b), key=int)
+             if a.get(k) != b.get(k)]
+    assert not diffs, f"{path.name}:\n" + "\n".join(diffs)
