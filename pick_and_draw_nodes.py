@@ -244,6 +244,12 @@ class LayoutDrawingGuidance:
               iterations=1, step_size=20.0, step_size_schedule="linear_decay", smoothing_sigma=0.5, layers="all",
               template_model=None):
         _check_common(model, weight, start_percent, end_percent)
+        if template_model is not None:  # family and size first: before any text encoding
+            fam, tfam = introspect.family(model, "model"), introspect.family(template_model, "template_model")
+            if tfam != fam:
+                raise InputError("template_model", f"an {introspect.FAMILY_NAMES[fam]} model (the model's family)",
+                                 introspect.FAMILY_NAMES[tfam])
+            introspect.require_same_shape(model, template_model, "template_model", "a template model:")
         require(step_size_schedule in guidance.SCHEDULES, "step_size_schedule", f"one of {guidance.SCHEDULES}",
                 step_size_schedule)
         require(iterations >= 1, "iterations", "at least 1", iterations)
@@ -260,11 +266,6 @@ class LayoutDrawingGuidance:
         keys = guidance.parse_layers(model, layers, "layers")
         template = None
         if template_model is not None:
-            fam, tfam = introspect.family(model, "model"), introspect.family(template_model, "template_model")
-            if tfam != fam:
-                raise InputError("template_model", f"an {introspect.FAMILY_NAMES[fam]} model (the model's family)",
-                                 introspect.FAMILY_NAMES[tfam])
-            introspect.require_same_shape(model, template_model, "template_model", "a template model:")
             if template_model.model is not model.model:
                 template = template_model
             else:
