@@ -209,8 +209,9 @@ class RunCache:
 
 
 def _noise(shape, seed: int, sigma: float, device, dtype):
+    """Gaussian noise seeded by the seed and the sigma (drawn on the host: the same numbers on every device)."""
     g = torch.Generator().manual_seed((int(seed) * 1000003 + int(round(sigma * 10000))) % (2 ** 63))
-    return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    return to_device(torch.randn(shape, generator=g), device, dtype)
 
 
 def _fit_tokens(ctx: torch.Tensor, length: int) -> torch.Tensor | None:
