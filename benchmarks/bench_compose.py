@@ -6,13 +6,15 @@ same toy model in the same run:
 
 Variants, each adding to the previous one: plain -> + DreamBooth LoRA (stock LoraLoader) -> + Subject-Diffusion
 (Expand + Location Mask Concat + Adapter) -> + BootPIG RSA -> + Pick-and-Draw appearance + layout (the whole graph);
-plus the whole graph with BootPIG's three-branch guider instead of the KSampler's CFG. Prints the median seconds per
-sampling run after a warm-up, the ratio to plain, and the peak GPU memory.
+plus BootPIG's three-branch guider instead of the KSampler's CFG. Prints the median seconds per sampling run over
+--repeats interleaved rounds after a warm-up, the ratio to plain, and the peak GPU memory (of all variants).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "benchmarks"
 
-from benchmarks.common import add_sampling_args, device, timed  # noqa: E402
+from benchmarks.common import add_sampling_args, device  # noqa: E402
 
 PROMPT = "a photo of a sks ball on the beach"
 BOX = "8, 8, 48, 48"
@@ -123,10 +125,32 @@ def main(argv=None):
     runs.append(("all four, three-branch guider", sampler(tb)))
     tb_rsa = run_node(B.BootPIGThreeBranchGuider, model=rsa_model, positive=pos, negative=neg)[0]
     runs.insert(4, ("+ BootPIG RSA, three-branch guider", sampler(tb_rsa)))
-    for name, run in runs:
-        sec, peak = timed(run, a.repeats, cuda)
+    # interleaved rounds (every variant once per round, medians over rounds): on a shared machine whose load drifts,
+    # each ratio compares runs made at nearly the same time
+    times = {name: [] for name, _ in runs}
+
+    def once(run):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    for name, run in runs:      # warm-up
+        run()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(a.repeats):
+        for name, run in runs:
+            times[name].append(once(run))
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+    peaks = {name: peak for name, _ in runs}
+    for name, _ in runs:
+        sec = statistics.median(times[name])
         base = base or sec
-        print(f"{name:36} {sec:8.3f} {sec / base:6.2f} {peak:9.2f}", flush=True)
+        print(f"{name:36} {sec:8.3f} {sec / base:6.2f} {peaks[name]:9.2f}", flush=True)
 
 
 if __name__ == "__main__":

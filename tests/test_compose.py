@@ -160,11 +160,11 @@ def build(fam, kit, omit=(), zero=None):
     if "appearance" not in omit:
         m = run_node(P.AppearancePickingGuidance, model=m, reference=pd_ref, clip=clip, prompt=PROMPT,
                      subject_word="sks", weight=strength["appearance"], start_percent=0.0, end_percent=0.5,
-                     iterations=1, step_size=0.5, layers="middle", reference_noise="renoise")[0]
+                     iterations=1, step_size=0.5, layers="input.4", reference_noise="renoise")[0]
     if "layout" not in omit:
         m = run_node(P.LayoutDrawingGuidance, model=m, clip=clip, prompt=PROMPT, subject_word="sks",
                      class_word="dog", weight=strength["layout"], start_percent=0.0, end_percent=0.5,
-                     step_size=0.5, layers="middle")[0]
+                     step_size=0.5, layers="input.4")[0]
     return m, pos, neg
 
 
@@ -330,8 +330,8 @@ def test_four_techniques_run_with_consistent_rows_and_no_syncs(family, kit, monk
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_any_technique_at_strength_zero_equals_the_graph_without_it(family, kit):
-    """One step (inside every technique's range); Pick-and-Draw reads the middle block (the guided forward stops
-    there) to keep the 11 samplings of tiny SDXL affordable on a CPU."""
+    """One step (inside every technique's range); Pick-and-Draw reads input block 4 (a 4x4 token grid in both
+    families; the guided forward stops there) to keep the 10 samplings of tiny SDXL affordable on a CPU."""
     full = run(*build(family, kit), steps=1)
     for t in TECHNIQUES:
         without = run(*build(family, kit, omit=(t,)), steps=1)
