@@ -13,7 +13,8 @@ from .nodes import bootpig_weights, introspect, paths
 from .nodes.errors import InputError, require
 from .nodes.images import as_batch, check_masks, subject_on_white
 from .nodes.validation import nonfinite_text
-from .nodes.reference_attention import FEATURE_MODES, POOLING_MODES, ReferenceSet, RSASettings, apply_rsa, find_rsa
+from .nodes.reference_attention import (FEATURE_MODES, POOLING_MODES, ReferenceSet, RSASettings, apply_rsa, find_rsa,
+                                        has_three_branch_patch, three_branch_guider_class)
 
 CATEGORY = "personalize/BootPIG"
 REFERENCE_TYPE = "BOOTPIG_REFERENCE"
@@ -42,8 +43,11 @@ class BootPIGReferenceEncoder:
                                              "photo is made white and it is cropped to the subject (BootPIG's input). "
                                              "Without a mask the photos should show the subject on white."}),
                 "reference_conditioning": ("CONDITIONING", {
-                    "tooltip": "Optional prompt for the reference pass, e.g. 'a photo of a dog'. Without it each "
-                               "reference pass uses the prompt of the image being generated (BootPIG's default)."}),
+                    "tooltip": "Optional prompt for the reference pass, e.g. 'a photo of a dog'. Without it: under "
+                               "a KSampler's CFG each reference pass uses the prompt of the image being generated; "
+                               "with three-branch guidance (BootPIG Three-Branch Guider, or the RSA node's "
+                               "three_branch) the reference is encoded once with the positive prompt and serves both "
+                               "reference branches - the official pipeline's default (reference_prompt = prompt)."}),
                 "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64,
                                        "tooltip": "Square size the references are resized to before encoding. 0 = the "
                                                   "model's native size (512 SD1.5/SD2, 1024 SDXL)."}),
@@ -105,7 +109,9 @@ class BootPIGRSAPatch:
                 "reference": (REFERENCE_TYPE, {"tooltip": "From BootPIG Reference UNet Encoder."}),
                 "ref_scale": ("FLOAT", {"default": 1.1, "min": 0.0, "max": 5.0, "step": 0.01,
                                         "tooltip": "Reference tokens are multiplied by this before the key projection "
-                                                   "only: sharper attention onto the reference (BootPIG code: 1.1)."}),
+                                                   "only: sharper attention onto the reference. 1.1 is the official "
+                                                   "training value (train_ref_scale, also the inference notebook's); "
+                                                   "the official pipeline's constructor defaults to 1.0."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01,
                                        "tooltip": "Blend between plain self-attention (0) and RSA (1)."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
@@ -124,8 +130,10 @@ class BootPIGRSAPatch:
                 "guidance": (["cfg", "three_branch"], {
                     "default": "cfg",
                     "tooltip": "cfg: the KSampler's CFG, negative prompt without reference. three_branch: BootPIG's "
-                               "eps_u + image_scale (eps_ref - eps_u) + text_scale (eps_ref+text - eps_ref); replaces "
-                               "the KSampler's cfg value and costs one more batch per step."}),
+                               "eps_u + image_scale (eps_ref - eps_u) + text_scale (eps_ref+text - eps_ref) under "
+                               "any KSampler; replaces the KSampler's cfg value and costs one more batch per step. "
+                               "BootPIG Three-Branch Guider (with SamplerCustomAdvanced) computes the same in one "
+                               "batch; leave this on cfg when you use it."}),
             },
             "optional": {
                 "once_percent": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -172,6 +180,49 @@ class BootPIGRSAPatch:
         if guidance == "three_branch":
             return (apply_rsa(model, reference, settings, image_scale, text_scale),)
         return (apply_rsa(model, reference, settings),)
+
+
+class BootPIGThreeBranchGuider:
+    DESCRIPTION = ("BootPIG's three-branch guidance as a guider for SamplerCustomAdvanced: eps_u + image_scale "
+                   "(eps_ref - eps_u) + text_scale (eps_ref+text - eps_ref), where eps_u is the negative prompt without "
+                   "the reference, eps_ref the negative prompt with it, eps_ref+text the prompt with it. All three "
+                   "branches and the reference rows run in one batched UNet call; the reference is encoded with the "
+                   "reference prompt (the encoder's reference_conditioning, or the positive prompt) in both "
+                   "reference branches, as in the official pipeline.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model from BootPIG RSA Patch (its guidance left on cfg)."}),
+            "positive": ("CONDITIONING", {"tooltip": "The prompt (eps_ref+text); also the reference prompt unless the "
+                                                     "encoder was given reference_conditioning."}),
+            "negative": ("CONDITIONING", {"tooltip": "The negative prompt (eps_u and eps_ref)."}),
+            "image_scale": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                                      "tooltip": "Image guidance scale (paper and official pipeline: 5.0; the "
+                                                 "notebook uses 4.0 at 25 UniPC steps)."}),
+            "text_scale": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                                     "tooltip": "Text guidance scale (paper and official pipeline: 7.5; notebook: "
+                                                "6.5). Equal scales give plain CFG at that scale."}),
+        }}
+
+    RETURN_TYPES = ("GUIDER",)
+    OUTPUT_TOOLTIPS = ("A guider for SamplerCustomAdvanced.",)
+    FUNCTION = "get_guider"
+    CATEGORY = CATEGORY
+
+    def get_guider(self, model, positive, negative, image_scale=5.0, text_scale=7.5):
+        introspect.family(model, "model")
+        if find_rsa(model) is None:
+            raise InputError("model", "a model from BootPIG RSA Patch", "a model without Reference Self-Attention")
+        if has_three_branch_patch(model):
+            raise InputError("model", "a BootPIG RSA Patch with guidance = cfg (this guider does the three branches)",
+                             "a patch whose guidance is three_branch")
+        for name, v in (("image_scale", image_scale), ("text_scale", text_scale)):
+            require(isinstance(v, (int, float)) and v == v and abs(v) != float("inf"), name, "a finite number", v)
+        guider = three_branch_guider_class()(model)
+        guider.set_conds(positive, negative)
+        guider.set_scales(image_scale, text_scale)
+        return (guider,)
 
 
 def _bootpig_choices() -> list[str]:
@@ -229,9 +280,11 @@ NODE_CLASS_MAPPINGS = {
     "PersonalizeBootPIGReferenceEncoder": BootPIGReferenceEncoder,
     "PersonalizeBootPIGRSAPatch": BootPIGRSAPatch,
     "PersonalizeBootPIGLoader": BootPIGLoader,
+    "PersonalizeBootPIGThreeBranchGuider": BootPIGThreeBranchGuider,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "PersonalizeBootPIGReferenceEncoder": "BootPIG Reference UNet Encoder",
     "PersonalizeBootPIGRSAPatch": "BootPIG RSA Patch",
     "PersonalizeBootPIGLoader": "BootPIG Loader",
+    "PersonalizeBootPIGThreeBranchGuider": "BootPIG Three-Branch Guider",
 }

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .attention import PatchValue
+from .attention import PatchValue, to_device
 from .errors import InputError, require
 from .introspect import BlockKey, attention_module, base_model, family, transformer_blocks
 
@@ -255,15 +255,19 @@ def gated(adapter, x: torch.Tensor, objs: torch.Tensor, scale: float = 1.0) -> t
 
 
 def row_kinds(extra_options: dict, batch: int) -> list[int]:
-    cou = extra_options.get("cond_or_uncond") or [0]
-    if batch % len(cou) != 0:
-        return [0] * batch
-    chunk = batch // len(cou)
-    return [k for k in cou for _ in range(chunk)]
+    """Per row of the call: 1 for negative-prompt rows (they get the null objects), 0 otherwise (conditional rows
+    and BootPIG's reference rows, which carry the reference prompt) - the pack's row contract (``nodes/rows.py``)."""
+    from .rows import row_is_uncond
+
+    return [1 if u else 0 for u in row_is_uncond(extra_options, batch)]
 
 
 class AdapterPatch(PatchValue):
-    """middle_patch running the gated self-attention adapter of each transformer block."""
+    """middle_patch running the gated self-attention adapter of each transformer block.
+
+    Per block it neither syncs with the device nor copies from the host: the object tokens are copied to each
+    device once (cached), rows are chosen by the call's ``cond_or_uncond`` (Python lists), and a start/end range is
+    a gate computed on the device from the call's sigma (0 outside: ``x + 0 * ...`` is exactly ``x``)."""
 
     def __init__(self, weights: SubjectWeights, objs: torch.Tensor, null_objs: torch.Tensor, scale: float = 1.0,
                  sigma_start: float = math.inf, sigma_end: float = 0.0):
@@ -274,24 +278,43 @@ class AdapterPatch(PatchValue):
         self.scale = float(scale)
         self.sigma_start = sigma_start
         self.sigma_end = sigma_end
+        self._on: dict = {}
+
+    @property
+    def full_range(self) -> bool:
+        return self.sigma_start >= 1e8 and self.sigma_end <= 0.0
 
     def models(self) -> list:
         return [self.weights.patcher()]
 
+    def tokens(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (str(device), dtype)
+        hit = self._on.get(key)
+        if hit is None:
+            hit = self._on[key] = (to_device(self.objs, device, dtype), to_device(self.null_objs, device, dtype))
+        return hit
+
     def __call__(self, x, extra_options):
+        from .rows import NEGATIVE, chunk_roles, chunk_size
+
         i = self.index.get(BlockKey.from_options(extra_options))
         if i is None or self.scale == 0.0:
             return x
-        sig = extra_options.get("sigmas")
-        if sig is not None:
-            s = float(sig.reshape(-1)[0])
-            if not (self.sigma_end <= s <= self.sigma_start):
-                return x
         adapter = self.weights.modules.adapters[i]
-        p = adapter.linear.weight
-        kinds = row_kinds(extra_options, x.shape[0])
-        objs = torch.cat([(self.null_objs if k == 1 else self.objs) for k in kinds]).to(p.device, x.dtype)
-        return gated(adapter, x, objs, self.scale).to(x.dtype)
+        objs, null = self.tokens(adapter.linear.weight.device, x.dtype)
+        b = x.shape[0]
+        per = chunk_size(extra_options, b)
+        if per is None:
+            rows = objs.expand(b, -1, -1)
+        else:
+            rows = torch.cat([(null if role == NEGATIVE else objs).expand(per, -1, -1)
+                              for role in chunk_roles(extra_options)])
+        scale = self.scale
+        sig = extra_options.get("sigmas")
+        if not self.full_range and isinstance(sig, torch.Tensor):
+            s0 = sig.reshape(-1)[:1]
+            scale = ((s0 >= self.sigma_end) & (s0 <= self.sigma_start)).to(x.dtype) * self.scale
+        return gated(adapter, x, rows, scale).to(x.dtype)
 
 
 def adapter_tokens(weights: SubjectWeights, tokens: torch.Tensor, boxes: torch.Tensor, use_bbox: bool):

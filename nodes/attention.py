@@ -30,6 +30,19 @@ class PatchValue:
         return []
 
 
+def to_device(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
+    """Host -> device copy that does not block the host: from pinned memory with ``non_blocking`` on CUDA (the
+    caching host allocator keeps the pinned block alive until the copy is done). Used once per device (caches)."""
+    device = torch.device(device)
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra_options: dict | None = None,
               attn_precision=None) -> torch.Tensor:
     """ComfyUI's optimized attention on projected [B, T, heads*dim] tensors (overrides such as sage honoured)."""

@@ -24,7 +24,9 @@ import torch
 def seeded_noise(shape, seed: int, sigma: float, device, dtype) -> torch.Tensor:
     """Gaussian noise that depends only on (seed, sigma): the same reference gets the same noise at a step."""
     g = torch.Generator().manual_seed((int(seed) * 1000003 + int(round(float(sigma) * 10000))) % (2 ** 63))
-    return torch.randn(tuple(shape), generator=g).to(device=device, dtype=dtype)
+    from .attention import to_device  # drawn on the host (the same numbers on every device), copied without blocking
+
+    return to_device(torch.randn(tuple(shape), generator=g), device, dtype)
 
 
 def _col(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

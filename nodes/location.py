@@ -6,9 +6,10 @@ interpolation (official ``custom_dataset.py`` / ``train.py``). The UNet's first 
 channels (``conv_in`` with the new channel's weights initialised at zero, so an expanded model behaves exactly like
 its base until trained).
 
-ComfyUI side: the channel rides on an ``APPLY_MODEL`` wrapper (an immutable value registered on a clone), which
-concatenates it to ``x`` as ``c_concat`` on EVERY UNet call - conditional and unconditional rows alike, any batch
-size, any area crop - so no conditioning can reach the 5-channel UNet without it.
+ComfyUI side: the channel rides on a ``DIFFUSION_MODEL`` wrapper (an immutable value registered on a clone), which
+concatenates it to the UNet's input on EVERY UNet call - conditional and unconditional rows alike, any batch size,
+any area crop, rows other patches append (BootPIG's reference rows) - so no conditioning can reach the 5-channel UNet
+without it. (Same channel order as ``c_concat``: after any other concatenated inputs.)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .attention import PatchValue
+from .attention import PatchValue, to_device
 from .errors import InputError, require
 from .introspect import base_model
 
@@ -175,44 +176,54 @@ def expand_model(model, extra: int = 1, weight: torch.Tensor | None = None, bias
 
 # ------------------------------------------------------------------------------------------------------- the wrapper
 class LocationConcat(PatchValue):
-    """APPLY_MODEL wrapper: concatenates the location channel to every UNet call. ``uncond = 'zero'`` gives the
-    unconditional rows an all-zero channel (Subject-Diffusion's unconditional branch); 'same' gives every row the
-    map."""
+    """DIFFUSION_MODEL wrapper: concatenates the location channel to the UNet's input on every call. It runs inside
+    every APPLY_MODEL wrapper, so it sees the call's final rows (BootPIG's appended reference rows included) with
+    their ``cond_or_uncond`` entries (``nodes/rows.py``). ``uncond = 'zero'`` gives the negative-prompt rows an
+    all-zero channel (Subject-Diffusion's unconditional branch); 'same' gives every row the map. The map is copied
+    to each device once (cached): no host copy or sync per call."""
 
     def __init__(self, channel: torch.Tensor, uncond: str = "zero", expected_in: int = 5):
         self.channel = channel.detach().clone().cpu()
         self.uncond = uncond
         self.expected_in = expected_in
+        self._on: dict = {}
+
+    def _map(self, h: int, w: int, device, dtype) -> torch.Tensor:
+        key = (h, w, str(device), dtype)
+        hit = self._on.get(key)
+        if hit is None:
+            ch = self.channel
+            if tuple(ch.shape[-2:]) != (h, w):
+                ch = F.interpolate(ch, size=(h, w), mode="nearest")
+            hit = self._on[key] = to_device(ch, device, dtype)
+        return hit
 
     def rows(self, x: torch.Tensor, transformer_options: dict) -> torch.Tensor:
-        b, _, h, w = x.shape
-        ch = self.channel
-        if tuple(ch.shape[-2:]) != (h, w):
-            ch = F.interpolate(ch, size=(h, w), mode="nearest")
-        ch = ch.to(device=x.device, dtype=x.dtype).expand(b, 1, h, w).clone()
-        cou = transformer_options.get("cond_or_uncond") or []
-        if self.uncond == "zero" and cou and b % len(cou) == 0:
-            chunk = b // len(cou)
-            for i, kind in enumerate(cou):
-                if kind == 1:
-                    ch[i * chunk:(i + 1) * chunk] = 0.0
-        return ch
+        from .rows import NEGATIVE, chunk_roles, chunk_size
 
-    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+        b, _, h, w = x.shape
+        ch = self._map(h, w, x.device, x.dtype)
+        per = chunk_size(transformer_options, b) if self.uncond == "zero" else None
+        if per is None:
+            return ch.expand(b, 1, h, w)
+        zero = torch.zeros_like(ch)
+        return torch.cat([(zero if role == NEGATIVE else ch).expand(per, 1, h, w)
+                          for role in chunk_roles(transformer_options)])
+
+    def __call__(self, executor, x, timesteps=None, context=None, y=None, control=None, transformer_options={},
                  **kwargs):
-        ch = self.rows(x, transformer_options)
-        c_concat = ch if c_concat is None else torch.cat([c_concat, ch], dim=1)
-        got = x.shape[1] + c_concat.shape[1]
+        got = x.shape[1] + 1
         if got != self.expected_in:
             raise InputError("model", f"a UNet call with {self.expected_in} input channels (latent + location)",
                              f"{got} channels: another node also concatenates inputs")
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        x = torch.cat([x, self.rows(x, transformer_options)], dim=1)
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
 
 def find_location(model) -> LocationConcat | None:
     import comfy.patcher_extension as pe
 
-    for w in model.get_wrappers(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+    for w in model.get_wrappers(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY):
         if isinstance(w, LocationConcat):
             return w
     return None
@@ -231,6 +242,6 @@ def apply_location(model, channel: torch.Tensor, uncond: str = "zero"):
                          f"a model with {have} input channels",
                          "Connect the model through 'Expand Input Channels (Subject-Diffusion)' first")
     m = model.clone()
-    m.remove_wrappers_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
-    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, LocationConcat(channel, uncond, have))
+    m.remove_wrappers_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+    m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, LocationConcat(channel, uncond, have))
     return m

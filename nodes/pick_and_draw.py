@@ -360,6 +360,11 @@ def _with_recording(model_options: dict, rec: Recording, plain: bool = False) ->
         for k in ("sample_sigmas",):
             if k in src:
                 to[k] = src[k]
+        # "without patches" still feeds the UNet the inputs it takes: DIFFUSION_MODEL wrappers (the location channel
+        # of a 5-channel Subject-Diffusion UNet) stay
+        wr = src.get("wrappers", {}).get("diffusion_model")
+        if wr:
+            to["wrappers"] = {"diffusion_model": wr}
         mo = {}
     patches = {k: list(v) for k, v in to.get("patches", {}).items()}
     patches["attn2_patch"] = patches.get("attn2_patch", []) + [RECORDER]

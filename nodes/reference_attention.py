@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import PatchValue, attention, with_attn1_collector
+from .attention import PatchValue, attention, to_device, with_attn1_collector
 from .forward_process import seeded_noise
 from .images import fit_latent
 from .introspect import BlockKey, attention_module, transformer_blocks
@@ -78,6 +78,12 @@ class RSASettings:
     def active(self, sigma: float) -> bool:
         return self.strength != 0.0 and self.sigma_end <= sigma <= self.sigma_start
 
+    @property
+    def full_range(self) -> bool:
+        """Every step is in range (ComfyUI's percent_to_sigma gives 999999999.9 for 0 % and 0 for 100 %): the call's
+        sigma never has to be read on the host."""
+        return self.sigma_start >= 1e8 and self.sigma_end <= 0.0
+
 
 # -------------------------------------------------------------------------------------------------------- pooling
 def pool(o: torch.Tensor, deltas: list[torch.Tensor], mode: str, norms_from: list[torch.Tensor] | None = None):
@@ -97,7 +103,9 @@ def pool(o: torch.Tensor, deltas: list[torch.Tensor], mode: str, norms_from: lis
     if mode == "softmax":
         w = torch.softmax(norms, dim=0)
     elif mode == "argmax":
-        w = torch.nn.functional.one_hot(norms.argmax(dim=0), num_classes=d.shape[0]).permute(2, 0, 1).float()
+        # one-hot of the argmax by comparison (F.one_hot validates its input on the host: a device sync per block)
+        ids = torch.arange(d.shape[0], device=norms.device).view(-1, 1, 1)
+        w = (norms.argmax(dim=0, keepdim=True) == ids).float()
     elif mode == "mean":
         w = torch.full_like(norms, 1.0 / d.shape[0])
     else:
@@ -108,8 +116,9 @@ def pool(o: torch.Tensor, deltas: list[torch.Tensor], mode: str, norms_from: lis
 # ------------------------------------------------------------------------------------------------------ call plan
 @dataclass
 class CallState:
-    """Per-call plan, stored in the per-call transformer_options and dropped with it. Index tensors are built once per
-    UNet call on the CPU side of the plan, so the hot path (every attention block) never syncs with the device."""
+    """Per-call plan, stored in the per-call transformer_options and dropped with it. The index tensors come from a
+    per-layout cache of the patch (built on the host and copied to the device once), so neither the call nor the
+    hot path (every attention block) syncs with the device or copies from the host."""
 
     settings: RSASettings
     n_refs: int
@@ -123,33 +132,95 @@ class CallState:
     _scale: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        uses = self.uses_ref.cpu()
-        dev = self.uses_ref.device
-        if self.idx_ref is None:
+        if self.idx_ref is None or self.idx_plain is None:   # built by hand (tests): host tensors
+            uses = self.uses_ref.cpu()
+            dev = self.uses_ref.device
             self.idx_ref = torch.nonzero(uses, as_tuple=True)[0].to(dev)
-        if self.idx_plain is None:
             self.idx_plain = torch.nonzero(~uses, as_tuple=True)[0].to(dev)
-        self._uses_cpu = uses
 
     def key_scale(self, dtype) -> torch.Tensor:
-        """[rows, 1, 1]: ref_scale on rows that read references, 1 elsewhere (their extra keys are ignored)."""
+        """[rows, 1, 1]: ref_scale on rows that read references, 1 elsewhere (their extra keys are ignored). Computed
+        on the device, once per plan and dtype."""
         if dtype not in self._scale:
-            vals = torch.where(self._uses_cpu, torch.tensor(float(self.settings.ref_scale)), torch.tensor(1.0))
-            self._scale[dtype] = vals.view(-1, 1, 1).to(device=self.uses_ref.device, dtype=dtype)
+            vals = torch.where(self.uses_ref, float(self.settings.ref_scale), 1.0)
+            self._scale[dtype] = vals.view(-1, 1, 1).to(dtype)
         return self._scale[dtype]
 
 
-class RunCache:
-    """Per-sampling-run cache (features computed ``once``); made fresh by an OUTER_SAMPLE wrapper for each run."""
+class ReferencePrompt:
+    """The prompt reference rows are encoded with when the encoder was given none: BootPIG's three-branch guidance
+    encodes the reference once with the generation prompt and uses it in both reference branches (official pipeline:
+    ``reference_prompt`` defaults to ``prompt``). ``context`` [1, T, D], ``y`` (SDXL pooled/size vector) or None, on
+    the host or any device; device copies are cached."""
 
-    def __init__(self):
-        self.banks: dict = {}
+    def __init__(self, context: torch.Tensor, y: torch.Tensor | None = None):
+        self.context, self.y = context[:1], (None if y is None else y[:1])
+        self._on: dict = {}
 
     def __deepcopy__(self, memo):
         return self
 
+    def on(self, device):
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = (to_device(self.context, device),
+                             None if self.y is None else to_device(self.y, device))
+        return self._on[key]
+
+    @classmethod
+    def from_conds(cls, conds) -> "ReferencePrompt | None":
+        """From processed sampler conds (the guider's positive): the first entry's cross-attention context and y."""
+        for c in conds or []:
+            mc = c.get("model_conds", {})
+            ca = mc.get("c_crossattn")
+            if ca is not None:
+                y = mc.get("y")
+                return cls(ca.cond, None if y is None else y.cond)
+        return None
+
+
+REFERENCE_PROMPT = "personalize.reference_prompt"
+
+
+class RunCache:
+    """Per-sampling-run cache, made fresh by an OUTER_SAMPLE wrapper for each run: features computed ``once``, the
+    run's schedule on the host (read once per run) and the reference noise of every step of it on the device, so a
+    UNet call picks its noise by its sigma on the device without reading the sigma back."""
+
+    def __init__(self, sigmas: torch.Tensor | None = None):
+        self.banks: dict = {}
+        self.noise: dict = {}
+        self.sigmas = None
+        if isinstance(sigmas, torch.Tensor) and sigmas.numel() > 0:
+            self.sigmas = [v for v in sigmas.detach().float().cpu().tolist() if v > 0.0]
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def noise_bank(self, seed: int, shape: tuple, settings: RSASettings, device):
+        """(schedule [S] and noise [S, *shape] on ``device``) for the run's sigmas inside the patch's range."""
+        key = (int(seed), tuple(shape), str(device))
+        hit = self.noise.get(key)
+        if hit is None:
+            sig = [v for v in self.sigmas if settings.sigma_end <= v <= settings.sigma_start] or self.sigmas
+            bank = torch.stack([_noise(shape, seed, v, "cpu", torch.float32) for v in sig])
+            hit = self.noise[key] = (to_device(torch.tensor(sig, dtype=torch.float32), device),
+                                     to_device(bank, device))
+        return hit
+
 
 _noise = seeded_noise  # one formula for seeded noise per (seed, sigma): nodes/forward_process.py
+
+
+def _fit_tokens(ctx: torch.Tensor, length: int) -> torch.Tensor | None:
+    """A context of ``length`` tokens equal in attention to ``ctx`` (ComfyUI repeats contexts to a common length when
+    it batches prompts of different lengths: attention over repeated keys is unchanged), or None."""
+    t = ctx.shape[1]
+    if t == length:
+        return ctx
+    if length % t == 0:
+        return ctx.repeat(1, length // t, 1)
+    return None
 
 
 class RSAPatch(PatchValue):
@@ -162,12 +233,16 @@ class RSAPatch(PatchValue):
         self.state_key = f"personalize.rsa.{self.uid}"
         self.bank_key = f"personalize.rsa.bank.{self.uid}"
         self.run_key = f"personalize.rsa.run.{self.uid}"
-        self.force_key = f"personalize.rsa.ref_on_uncond.{self.uid}"
         # output projections per block, for ranking several references by the norm of their projected deltas
         self._to_out = {}
         if base_model is not None:
             for key in transformer_blocks(base_model):
                 self._to_out[key] = attention_module(base_model, key, "attn1").to_out[0]
+        # caches (host -> device copies made once per device / layout, never per call)
+        self._plans: dict = {}
+        self._latents: dict = {}
+        self._context: dict = {}
+        self._uuids = [uuid.uuid5(uuid.NAMESPACE_OID, f"personalize.rsa.{self.uid}.{i}") for i in range(64)]
 
     def models(self):
         return [] if self.settings.batched else [self.reference.encoder]
@@ -175,89 +250,179 @@ class RSAPatch(PatchValue):
     # ---------------------------------------------------------------------------------- OUTER_SAMPLE wrapper
     def outer_sample(self, executor, *args, **kwargs):
         guider = executor.class_obj
+        sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
         old = guider.model_options
         to = dict(old.get("transformer_options", {}))
-        to[self.run_key] = RunCache()
+        to[self.run_key] = RunCache(sigmas)
         guider.model_options = {**old, "transformer_options": to}
         try:
             return executor(*args, **kwargs)
         finally:
             guider.model_options = old
 
+    # ------------------------------------------------------------------------------------------ caches
+    def _fitted(self, h: int, w: int, device) -> torch.Tensor:
+        key = (h, w, str(device))
+        if key not in self._latents:
+            ref = self.reference
+            self._latents[key] = fit_latent(to_device(ref.latents, device, torch.float32), h, w,
+                                            to_device(ref.white, device, torch.float32))
+        return self._latents[key]
+
+    def _prompt(self, transformer_options: dict, device):
+        """(context, y) of the reference prompt on ``device``: the encoder's, else the guider's, else None."""
+        ref = self.reference
+        if ref.context is not None:
+            key = str(device)
+            if key not in self._context:
+                self._context[key] = to_device(ref.context, device)
+            return self._context[key], None
+        rp = transformer_options.get(REFERENCE_PROMPT)
+        if isinstance(rp, ReferencePrompt):
+            return rp.on(device)
+        return None
+
+    def _plan(self, key, B, per, chunk_uses, group_of, N, extra_rows, device) -> CallState:
+        """Row plan of one call layout, built on the host once and kept on the device."""
+        hit = self._plans.get(key)
+        if hit is None:
+            rows = B + extra_rows
+            ref_index = torch.arange(rows).unsqueeze(1).repeat(1, N)
+            uses = torch.zeros(rows, dtype=torch.bool)
+            for c, u in enumerate(chunk_uses):
+                if u:
+                    gi = group_of[c]
+                    for r in range(c * per, (c + 1) * per):
+                        uses[r] = True
+                        ref_index[r] = B + gi * N + torch.arange(N)
+            idx_ref = torch.nonzero(uses, as_tuple=True)[0]
+            idx_plain = torch.nonzero(~uses, as_tuple=True)[0]
+            hit = CallState(self.settings, N, to_device(ref_index, device), to_device(uses, device),
+                            all_ref=bool(uses.all()), none_ref=not bool(uses.any()),
+                            idx_ref=to_device(idx_ref, device), idx_plain=to_device(idx_plain, device))
+            self._plans[key] = hit
+        return CallState(hit.settings, hit.n_refs, hit.ref_index, hit.uses_ref, hit.all_ref, hit.none_ref, None,
+                         hit.idx_ref, hit.idx_plain, hit._scale)
+
+    def _ref_noise(self, run, shape, t, device) -> torch.Tensor:
+        """Fresh noise for the reference rows of this call, seeded by the seed and the step's sigma: chosen on the
+        device from the run's precomputed bank (nearest schedule sigma); outside a sampling run, drawn for the
+        call's sigma (one host read)."""
+        ref = self.reference
+        if run is not None and run.sigmas:
+            sched, bank = run.noise_bank(ref.seed, shape, self.settings, device)
+            i = (sched - t[:1].float()).abs().argmin().view(1)
+            return bank.index_select(0, i)[0]
+        return _noise(shape, ref.seed, float(t.reshape(-1)[0]), device, torch.float32)
+
     # ----------------------------------------------------------------------------------- APPLY_MODEL wrapper
     def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                     **kwargs):
+        from . import rows as R
+
         s = self.settings
-        sigma = float(t.max())
-        if not s.active(sigma) or c_crossattn is None:
+
+        def untouched():
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+        if s.strength == 0.0 or c_crossattn is None:
+            return untouched()
+        if not s.full_range and not s.active(float(t.reshape(-1)[0])):  # the one host read: only with a range
+            return untouched()
         ref = self.reference
         B = x.shape[0]
-        chunks = list(transformer_options.get("cond_or_uncond") or [0])
-        per = B // len(chunks)
-        force = bool(transformer_options.get(self.force_key))
-        chunk_uses = [c == 0 or force for c in chunks]
-        shared_ctx = ref.context is not None
-        # groups of reference rows: one per chunk that uses the reference, or one shared set
-        groups = [0] if shared_ctx and any(chunk_uses) else [i for i, u in enumerate(chunk_uses) if u]
-        if not groups:
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        N = ref.count
-        h, w = x.shape[-2:]
+        chunks = R.chunk_kinds(transformer_options)
+        per = R.chunk_size(transformer_options, B)
+        if per is None:                       # contract broken upstream: treat the call as one conditional chunk
+            chunks, per = [0], B
+        gen = len(chunks) - R.reference_chunks(transformer_options)
+        use_kinds = tuple(transformer_options.get(R.REFERENCE_KINDS, (0,)))
+        chunk_uses = [i < gen and k in use_kinds for i, k in enumerate(chunks)]
+        if not any(chunk_uses):
+            return untouched()
         dev, dt = x.device, x.dtype
-        latents = fit_latent(ref.latents.to(dev, torch.float32), h, w, ref.white.to(dev, torch.float32))
+        prompt = self._prompt(transformer_options, dev)
+        shared = prompt is not None
+        neg = R.uncond_kinds(transformer_options)
+        using = [i for i, u in enumerate(chunk_uses) if u]
+        if shared:   # one reference set, encoded with the reference prompt, for every chunk that reads it
+            groups = [next((i for i in range(gen) if chunks[i] not in neg), using[0])]
+            group_of = {c: 0 for c in using}
+        else:        # one reference set per chunk, encoded with that chunk's own prompt
+            groups = using
+            group_of = {c: gi for gi, c in enumerate(using)}
+        N = ref.count
+        G = len(groups)
+        n_ref = G * N
+        h, w = x.shape[-2:]
+        latents = self._fitted(h, w, dev)
         ms = executor.class_obj.model_sampling
+        run = transformer_options.get(self.run_key)
 
-        def group_context(g):
-            if shared_ctx:
-                return ref.context.to(dev, c_crossattn.dtype)
-            return c_crossattn[g * per: g * per + 1]
-
-        batched = (s.batched and s.features == "per_step" and control is None
-                   and (not shared_ctx or ref.context.shape[1] == c_crossattn.shape[1]))
-        # token sources: rows of this call (batched) or a bank appended after them
-        rows = B + (len(groups) * N if batched else 0)
-        src_rows = rows if batched else B + len(groups) * N
-        ref_index = torch.arange(rows).unsqueeze(1).repeat(1, N)
-        uses = torch.zeros(rows, dtype=torch.bool)
-        for gi, g in enumerate(groups):
-            members = [c for c in range(len(chunks)) if chunk_uses[c]] if shared_ctx else [g]
-            for c in members:
-                for r in range(c * per, (c + 1) * per):
-                    uses[r] = True
-                    ref_index[r] = B + gi * N + torch.arange(N)
-        assert int(ref_index.max()) < src_rows
+        ctx_len = c_crossattn.shape[1]
+        if shared:
+            pctx = _fit_tokens(prompt[0].to(c_crossattn.dtype), ctx_len)
+            ctxs = [prompt[0].to(c_crossattn.dtype)] if pctx is None else [pctx]
+        else:
+            pctx = c_crossattn
+            ctxs = [c_crossattn[g * per: g * per + 1] for g in groups]
+        batched = s.batched and s.features == "per_step" and control is None and pctx is not None
+        K = -(-n_ref // per) if batched else 0          # whole chunks of reference rows (padded)
+        pad = K * per - n_ref
+        key = (B, per, tuple(chunk_uses), tuple(sorted(group_of.items())), N, K * per, str(dev))
+        state = self._plan(key, B, per, chunk_uses, group_of, N, K * per, dev)
         to = dict(transformer_options)
-        state = CallState(s, N, ref_index.to(dev), uses.to(dev), all_ref=bool(uses.all()), none_ref=not bool(uses.any()))
         to[self.state_key] = state
 
-        def noisy(sig):
-            n = _noise((len(groups) * N,) + tuple(latents.shape[1:]), ref.seed, sig, dev, torch.float32)
-            lat = latents.repeat(len(groups), 1, 1, 1)
-            sig_t = torch.full((lat.shape[0],), sig, device=dev, dtype=torch.float32)
+        def noisy(sig_host=None):
+            lat = latents.repeat(G, 1, 1, 1)
+            if sig_host is None:
+                n = self._ref_noise(run, tuple(lat.shape), t, dev)
+                sig_t = t[:1].float().expand(lat.shape[0])
+            else:
+                n = _noise(tuple(lat.shape), ref.seed, sig_host, dev, torch.float32)
+                sig_t = torch.full((lat.shape[0],), sig_host, device=dev, dtype=torch.float32)
             return ms.noise_scaling(sig_t.view(-1, 1, 1, 1), n, lat).to(dt), sig_t.to(t.dtype)
 
+        def ref_rows(src: torch.Tensor, fixed=None) -> torch.Tensor:
+            """Rows of a per-row input for the reference rows: each group's (or the given) row, N times, padded."""
+            parts = [(fixed if fixed is not None else src[g * per: g * per + 1]).expand(N, *src.shape[1:])
+                     for g in groups]
+            out = torch.cat(parts)
+            return torch.cat([out, out[-1:].expand(pad, *out.shape[1:])]) if pad else out
+
         if batched:
-            xr, tr = noisy(sigma)
-            ctx = torch.cat([group_context(g).expand(N, -1, -1) for g in groups])
-            x2 = torch.cat([x, xr])
-            t2 = torch.cat([t, tr])
+            xr, tr = noisy()
+            if pad:
+                xr = torch.cat([xr, xr[-1:].expand(pad, *xr.shape[1:])])
+                tr = torch.cat([tr, tr[-1:].expand(pad)])
+            ctx = torch.cat([cx.expand(N, -1, -1) for cx in (ctxs if not shared else ctxs * G)])
+            if pad:
+                ctx = torch.cat([ctx, ctx[-1:].expand(pad, -1, -1)])
+            x2, t2 = torch.cat([x, xr]), torch.cat([t, tr])
             cc2 = torch.cat([c_crossattn, ctx.to(c_crossattn.dtype)])
-            cat2 = None if c_concat is None else torch.cat(
-                [c_concat] + [c_concat[g * per: g * per + 1].expand(N, *c_concat.shape[1:]) for g in groups])
+            cat2 = None if c_concat is None else torch.cat([c_concat, ref_rows(c_concat)])
             kw2 = {}
             for k, v in kwargs.items():
                 if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == B:
-                    v = torch.cat([v] + [v[g * per: g * per + 1].expand(N, *v.shape[1:]) for g in groups])
+                    fixed = prompt[1].to(v.dtype) if (k == "y" and shared and prompt[1] is not None
+                                                      and prompt[1].shape[1:] == v.shape[1:]) else None
+                    v = torch.cat([v, ref_rows(v, fixed)])
                 kw2[k] = v
+            to = R.with_appended_chunks(to, K, 0, self._uuids[:K] if K <= len(self._uuids) else
+                                        [uuid.uuid4() for _ in range(K)])
             out = executor(x2, t2, cat2, cc2, control, to, **kw2)
             return out[:B]
 
-        state.bank = self._bank(executor, transformer_options, groups, group_context, noisy, sigma, kwargs, per, N,
-                                (h, w))
+        state.bank = self._bank(executor, transformer_options, groups, ctxs if not shared else ctxs * G, noisy,
+                                prompt, kwargs, per, N, (h, w))
         return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
 
-    def _bank(self, executor, transformer_options, groups, group_context, noisy, sigma, kwargs, per, N, hw):
+    def _bank(self, executor, transformer_options, groups, ctxs, noisy, prompt, kwargs, per, N, hw):
+        import comfy.patcher_extension as pe
+
+        from . import rows as R
+
         s = self.settings
         run = transformer_options.get(self.run_key)
         key = None
@@ -266,17 +431,24 @@ class RSAPatch(PatchValue):
             key = (hw, tuple(str(uuids[g]) if g < len(uuids) else g for g in groups))
             if run is not None and key in run.banks:
                 return run.banks[key]
-        sig = s.once_sigma if s.features == "once" else sigma
-        xr, tr = noisy(sig)
-        ctx = torch.cat([group_context(g).expand(N, -1, -1) for g in groups])
-        enc = executor.class_obj if s.batched else self.reference.encoder.model
-        enc_to = {} if s.batched else dict(self.reference.encoder.model_options.get("transformer_options", {}))
-        enc_to = {k: v for k, v in enc_to.items() if k not in ("wrappers", "callbacks")}
+        xr, tr = noisy(s.once_sigma) if s.features == "once" else noisy()
+        ctx = torch.cat([cx.expand(N, -1, -1) for cx in ctxs])
+        if s.batched:   # the base model's own weights: its input wrappers (the location channel) apply, no patches
+            enc = executor.class_obj
+            wr = transformer_options.get("wrappers", {}).get(pe.WrappersMP.DIFFUSION_MODEL)
+            enc_to = {"wrappers": {pe.WrappersMP.DIFFUSION_MODEL: wr}} if wr else {}
+        else:
+            enc = self.reference.encoder.model
+            enc_to = dict(self.reference.encoder.model_options.get("transformer_options", {}))
+            enc_to = {k: v for k, v in enc_to.items() if k not in ("wrappers", "callbacks")}
+        enc_to.update({"cond_or_uncond": [0], "uuids": [self._uuids[0]], R.REFERENCE_CHUNKS: 1})
         enc_to, bank = with_attn1_collector(enc_to, self.bank_key)
         extra = {}
         y = kwargs.get("y")
         if y is not None:
-            extra["y"] = torch.cat([y[g * per: g * per + 1].expand(N, *y.shape[1:]) for g in groups])
+            fixed = prompt[1] if (prompt is not None and prompt[1] is not None) else None
+            extra["y"] = torch.cat([(fixed.to(y.dtype) if fixed is not None else y[g * per: g * per + 1])
+                                    .expand(N, *y.shape[1:]) for g in groups])
         enc.apply_model(xr, tr, c_crossattn=ctx, transformer_options=enc_to, **extra)
         if key is not None and run is not None:
             run.banks[key] = bank
@@ -339,33 +511,121 @@ class RSAPatch(PatchValue):
         norms_from = None
         if N > 1 and s.pooling in ("softmax", "argmax"):
             lin = self._to_out.get(BlockKey.from_options(extra_options))
-            if lin is not None:
-                bias = lin.bias
-                norms_from = [lin(d) - (bias.to(d) if bias is not None else 0) for d in deltas]
+            if lin is not None:   # W_o d: the layer (ComfyUI's op, whatever device its weights are on) minus its bias
+                bias = lin(torch.zeros_like(deltas[0][:1, :1])) if lin.bias is not None else 0
+                norms_from = [lin(d) - bias for d in deltas]
         pooled = pool(o, deltas, s.pooling, norms_from)
         return pooled if s.strength == 1.0 else o + s.strength * (pooled - o)
 
 
 # ---------------------------------------------------------------------------------------------- three-branch CFG
+def three_branch_predict(model, positive, negative, x, timestep, model_options: dict, image_scale: float,
+                         text_scale: float, prompt: ReferencePrompt | None):
+    """BootPIG's guidance in one batched call (paper Eq. 4, official pipeline):
+
+        eps = eps_u + image_scale (eps_ref - eps_u) + text_scale (eps_ref+text - eps_ref)
+
+    eps_u: negative prompt without the reference; eps_ref: negative prompt with it; eps_ref+text: the prompt with it.
+    ``calc_cond_batch`` over ``[positive, negative, negative]`` (indices 0, 1, 2, like Guider_PerpNeg's third
+    conditioning): chunks 0 and 2 read the reference, 1 and 2 are negative-prompt rows, and the reference rows are
+    encoded once with the reference prompt (``prompt``, or the encoder's own) and serve both reference branches.
+    Computed on denoised x0, which is affine in eps. Pre- and post-CFG hooks are replayed as Guider_PerpNeg does."""
+    import comfy.samplers
+
+    from . import rows as R
+
+    to = dict(model_options.get("transformer_options", {}))
+    to[R.REFERENCE_KINDS] = (0, 2)
+    to[R.UNCOND_KINDS] = (1, 2)
+    if prompt is not None:
+        to[REFERENCE_PROMPT] = prompt
+    mo = {**model_options, "transformer_options": to}
+    conds = [positive, negative, negative]
+    out = comfy.samplers.calc_cond_batch(model, conds, x, timestep, mo)
+    for fn in model_options.get("sampler_pre_cfg_function", []):
+        out = fn({"conds": conds, "conds_out": out, "cond_scale": text_scale, "timestep": timestep, "input": x,
+                  "sigma": timestep, "model": model, "model_options": mo})
+    cond_d, uncond_d, ref_d = out[0], out[1], out[2]
+    den = uncond_d + image_scale * (ref_d - uncond_d) + text_scale * (cond_d - ref_d)
+    for fn in model_options.get("sampler_post_cfg_function", []):
+        den = fn({"denoised": den, "cond": positive, "uncond": negative, "cond_scale": text_scale, "model": model,
+                  "uncond_denoised": uncond_d, "cond_denoised": cond_d, "sigma": timestep, "model_options": mo,
+                  "input": x, "reference_cond": negative, "reference_denoised": ref_d})
+    return den
+
+
+def three_branch_guider_class():
+    """``ThreeBranchGuider``: a CFGGuider whose prediction is :func:`three_branch_predict` (defined on first use, so
+    importing the pack's engine does not import ComfyUI)."""
+    global _GUIDER_CLASS
+    if _GUIDER_CLASS is None:
+        import comfy.samplers
+
+        class ThreeBranchGuider(comfy.samplers.CFGGuider):
+            image_scale = 5.0
+            text_scale = 7.5
+
+            def set_conds(self, positive, negative):
+                self.inner_set_conds({"positive": positive, "negative": negative})
+
+            def set_scales(self, image_scale: float, text_scale: float):
+                self.image_scale, self.text_scale = float(image_scale), float(text_scale)
+                self.cfg = self.text_scale
+
+            def predict_noise(self, x, timestep, model_options={}, seed=None):
+                positive = self.conds.get("positive", None)
+                prompt = getattr(self, "_prompt", None)
+                if prompt is None or prompt[0] is not positive:
+                    self._prompt = prompt = (positive, ReferencePrompt.from_conds(positive))
+                return three_branch_predict(self.inner_model, positive, self.conds.get("negative", None), x,
+                                            timestep, model_options, self.image_scale, self.text_scale, prompt[1])
+
+        _GUIDER_CLASS = ThreeBranchGuider
+    return _GUIDER_CLASS
+
+
+_GUIDER_CLASS = None
+
+
 class ThreeBranchGuidance(PatchValue):
-    """BootPIG's guidance: eps = eps_u + image_scale (eps_ref - eps_u) + text_scale (eps_ref+text - eps_ref), where
-    eps_u is negative text without the reference, eps_ref negative text with it, eps_ref+text the prompt with it.
-    A post-CFG function (computed on denoised x0, which is affine in eps): one extra batch per guided step."""
+    """The RSA node's ``guidance = three_branch`` (kept for existing workflows): the same formula as
+    :func:`three_branch_predict` as a post-CFG function under any KSampler, with one extra batch per step - the
+    negative prompt with the reference (index 1 of ``[None, negative]``, so other patches see a negative chunk),
+    whose reference rows are encoded with the reference prompt like the positive branch's. BootPIG Three-Branch
+    Guider does all three branches in one batch."""
 
     def __init__(self, patch: RSAPatch, image_scale: float, text_scale: float):
         self.patch, self.image_scale, self.text_scale = patch, image_scale, text_scale
+        self._prompts: dict = {}
+
+    def _prompt(self, cond) -> ReferencePrompt | None:
+        key = id(cond)
+        hit = self._prompts.get(key)
+        if hit is None or hit[0] is not cond:
+            if len(self._prompts) > 8:
+                self._prompts.clear()
+            hit = self._prompts[key] = (cond, ReferencePrompt.from_conds(cond))
+        return hit[1]
 
     def __call__(self, args):
         import comfy.samplers
 
+        from . import rows as R
+
         uncond_d, cond_d, uncond = args["uncond_denoised"], args["cond_denoised"], args["uncond"]
-        if uncond_d is None or uncond is None or not self.patch.settings.active(float(args["sigma"].max())):
+        s = self.patch.settings
+        if uncond_d is None or uncond is None or s.strength == 0.0:
+            return args["denoised"]
+        if not s.full_range and not s.active(float(args["sigma"].reshape(-1)[0])):
             return args["denoised"]
         mo = args["model_options"]
         to = dict(mo.get("transformer_options", {}))
-        to[self.patch.force_key] = True
-        (ref_d,) = comfy.samplers.calc_cond_batch(args["model"], [uncond], args["input"], args["sigma"],
-                                                  {**mo, "transformer_options": to})
+        to[R.REFERENCE_KINDS] = (1,)
+        prompt = self._prompt(args.get("cond"))
+        if prompt is not None:
+            to[REFERENCE_PROMPT] = prompt
+        ref_d = comfy.samplers.calc_cond_batch(args["model"], [None, uncond], args["input"], args["sigma"],
+                                               {**mo, "transformer_options": to})[1]
         return uncond_d + self.image_scale * (ref_d - uncond_d) + self.text_scale * (cond_d - ref_d)
 
 
@@ -374,6 +634,10 @@ def find_rsa(model) -> RSAPatch | None:
         if isinstance(p, RSAPatch):
             return p
     return None
+
+
+def has_three_branch_patch(model) -> bool:
+    return any(isinstance(f, ThreeBranchGuidance) for f in model.model_options.get("sampler_post_cfg_function", []))
 
 
 def apply_rsa(model, reference: ReferenceSet, settings: RSASettings, image_scale: float | None = None,

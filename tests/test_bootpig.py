@@ -391,3 +391,161 @@ def test_loader_refuses_other_family_and_incomplete_files(tiny_sd15, tmp_path):
     save_file({"x": torch.zeros(1)}, p3)
     with pytest.raises(InputError, match="made by this pack"):
         bootpig_weights.load(p3, tiny_sd15)
+
+
+# ------------------------------------------------------------------------------------- rows, guider, reference prompt
+def _sample_with(guider, steps=2, seed=1, batch=1, size=(8, 8)):
+    import comfy.sample
+    import comfy.samplers
+
+    latent = torch.zeros(batch, 4, *size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "normal",
+                                             steps).cpu()
+    with torch.inference_mode():
+        return guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=seed,
+                             disable_pbar=True).clone()
+
+
+def _cfg_guider(model, c, u, cfg):
+    import comfy.samplers
+
+    g = comfy.samplers.CFGGuider(model)
+    g.set_conds(c, u)
+    g.set_cfg(cfg)
+    return g
+
+
+def _spy_calls(model):
+    """A clone whose APPLY_MODEL calls are recorded inside RSA's wrapper: (cond_or_uncond, reference chunks,
+    c_crossattn, timesteps) per call."""
+    import comfy.patcher_extension as pe
+
+    from personalize.nodes import rows
+
+    calls = []
+
+    def spy(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
+        calls.append((list(transformer_options.get("cond_or_uncond") or []),
+                      rows.reference_chunks(transformer_options), c_crossattn.detach().clone(), x.shape[0]))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+
+    m = model.clone()
+    m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test_spy_inner", spy)
+    return m, calls
+
+
+@pytest.mark.parametrize("batch,n_refs", [(1, 1), (2, 1), (2, 2), (3, 2)])
+def test_batched_reference_rows_extend_cond_or_uncond_in_whole_chunks(tiny_sd15, vae, refs, batch, n_refs):
+    """ComfyUI's contract: rows = len(cond_or_uncond) x chunk. Reference rows come after the sampler's chunks, padded
+    to whole chunks of conditional (0) entries, with uuids, and counted in personalize.reference_chunks; a stock-style
+    IPAdapter-like attn2 patch (image tokens per chunk by cond_or_uncond) runs next to them."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    reference = encode(tiny_sd15, vae, refs[:n_refs])
+    c, u = conds("sd15")
+    p, calls = _spy_calls(rsa(tiny_sd15, reference))
+    seen = []
+
+    def ip_like(q, k, v, eo):
+        cou = eo["cond_or_uncond"]
+        bp = q.shape[0] // len(cou)
+        tok = torch.ones(1, 3, q.shape[-1], dtype=q.dtype)
+        ip = torch.cat([(tok.repeat(bp, 1, 1), -tok.repeat(bp, 1, 1))[i] for i in cou])
+        assert ip.shape[0] == q.shape[0] and len(eo["uuids"]) == len(cou)
+        seen.append((tuple(cou), q.shape[0]))
+        return optimized_attention(q, k, v, eo["n_heads"]) + 0.1 * optimized_attention(q, ip, ip, eo["n_heads"])
+
+    for key in introspect.transformer_blocks(p):
+        p.set_model_attn2_replace(ip_like, key.name, key.id, key.index)
+    out = sample(p, c, u, steps=2, batch=batch)
+    assert torch.isfinite(out).all()
+    k = -(-n_refs // batch)                                   # reference chunks: n_refs rows padded to chunks
+    for cou, ref_chunks, _, rows_ in calls:
+        assert sorted(cou[:2]) == [0, 1] and cou[2:] == [0] * k and ref_chunks == k
+        assert rows_ == batch * (2 + k)
+    assert seen and all(n == batch * (2 + k) for _, n in seen)
+
+
+def test_three_branch_guider_with_equal_scales_is_cfg_in_one_call(tiny_sd15, vae, refs):
+    reference = encode(tiny_sd15, vae, refs[:1])
+    c, u = conds("sd15")
+    p = rsa(tiny_sd15, reference)
+    cfg = _sample_with(_cfg_guider(p, c, u, 4.0))
+    spied, calls = _spy_calls(p)
+    (g,) = run_node(B.BootPIGThreeBranchGuider, model=spied, positive=c, negative=u, image_scale=4.0, text_scale=4.0)
+    tb = _sample_with(g)
+    assert (cfg - tb).abs().max().item() < 1e-3 * (1 + cfg.abs().max().item())
+    assert len(calls) == 2                                    # one batched UNet call per step for the three branches
+    for cou, ref_chunks, _, _ in calls:
+        assert sorted(cou[:3]) == [0, 1, 2] and cou[3:] == [0] and ref_chunks == 1
+    (g2,) = run_node(B.BootPIGThreeBranchGuider, model=p, positive=c, negative=u)
+    assert not torch.allclose(_sample_with(g2), cfg)
+    # the RSA node's own three_branch (one extra batch per step) computes the same guidance
+    legacy = sample(rsa(tiny_sd15, reference, guidance="three_branch"), c, u, steps=2)
+    assert (legacy - _sample_with(g2)).abs().max().item() < 1e-3 * (1 + legacy.abs().max().item())
+
+
+@pytest.mark.parametrize("route", ["guider", "rsa_node"])
+def test_three_branch_reference_rows_carry_the_reference_prompt(tiny_sd15, vae, refs, route):
+    """Official pipeline: the reference is encoded once with reference_prompt (default: the prompt) and serves both
+    reference branches - never the negative prompt."""
+    c, u = conds("sd15")
+    pos_ctx, neg_ctx = c[0][0], u[0][0]
+    own_prompt = models.random_conditioning("sd15", seed=9)
+    for reference, want in ((encode(tiny_sd15, vae, refs[:1]), pos_ctx),
+                            (encode(tiny_sd15, vae, refs[:1], reference_conditioning=own_prompt), own_prompt[0][0])):
+        if route == "guider":
+            spied, calls = _spy_calls(rsa(tiny_sd15, reference))
+            (g,) = run_node(B.BootPIGThreeBranchGuider, model=spied, positive=c, negative=u)
+            _sample_with(g, steps=1)
+        else:
+            spied, calls = _spy_calls(rsa(tiny_sd15, reference, guidance="three_branch"))
+            sample(spied, c, u, steps=1)
+        with_ref = [(cou, ctx, n) for cou, k, ctx, n in calls if k]
+        assert with_ref and all(1 in cou for cou, _, _ in with_ref)  # a negative-prompt chunk reads the reference
+        for cou, ctx, n in with_ref:
+            per = n // len(cou)
+            ref_rows = ctx[(len(cou) - 1) * per:][:1]              # the reference row (the rest is padding)
+            assert torch.equal(ref_rows[0], want[0].to(ref_rows.dtype))
+            assert not torch.equal(ref_rows[0], neg_ctx[0].to(ref_rows.dtype))
+
+
+def test_three_branch_guider_refuses_models_it_cannot_guide(tiny_sd15, vae, refs):
+    c, u = conds("sd15")
+    with pytest.raises(InputError, match="'model'.*BootPIG RSA Patch"):
+        run_node(B.BootPIGThreeBranchGuider, model=tiny_sd15, positive=c, negative=u)
+    reference = encode(tiny_sd15, vae, refs[:1])
+    with pytest.raises(InputError, match="'model'.*guidance = cfg"):
+        run_node(B.BootPIGThreeBranchGuider, model=rsa(tiny_sd15, reference, guidance="three_branch"), positive=c,
+                 negative=u)
+    with pytest.raises(InputError, match="'image_scale'.*finite"):
+        run_node(B.BootPIGThreeBranchGuider, model=rsa(tiny_sd15, reference), positive=c, negative=u,
+                 image_scale=float("nan"))
+
+
+def test_the_sync_guard_catches_syncs_and_host_copies():
+    """tests/syncguard.py can fail: a float(sigma), an .item() and a blocking host copy inside a guarded patch."""
+    import syncguard
+
+    sig = syncguard.as_device(torch.tensor([3.0]))
+    host = torch.ones(2)
+
+    def bad_float(s):
+        return float(s[0])
+
+    def bad_item(s):
+        return (s * 2).max().item()
+
+    def bad_copy(s):
+        return host.to(s.device)
+
+    def fine(s):
+        return s * 2 + host.to(s.dtype)
+
+    with syncguard.active():
+        for fn in (bad_float, bad_item, bad_copy):
+            with pytest.raises(syncguard.SyncError):
+                syncguard.guarded(fn, fn.__name__)(sig)
+        syncguard.guarded(fine, "fine")(sig)
+        assert float(sig[0]) == 3.0          # outside a guarded scope: allowed
