@@ -22,7 +22,7 @@ from personalize import bootpig_nodes as B
 from personalize import pick_and_draw_nodes as P
 from personalize import subject_diffusion_nodes as SD
 from personalize.nodes import adapters as ad
-from personalize.nodes import guidance as G
+from personalize.nodes import pick_and_draw as G
 from personalize.nodes import location as loc
 from personalize.nodes import reference_attention as RA
 from personalize.nodes import rows
