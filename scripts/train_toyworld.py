@@ -209,14 +209,14 @@ def train_vae(cfg, a, stop, dev):
         step = ck["step"]
     t0 = time.time()
 
-    def checkpoint(final=False):
+    def checkpoint(end=False):
         save_checkpoint(ckpt_path, model=net.state_dict(), opt=opt.state_dict(), step=step, cfg=cfg,
                         rng=rng_state(rng, dev))
         sd = dict(net.state_dict())
-        if final:
+        if end:   # when the run ends (complete or stopped), so that the file can be used as it is
             sd.update(calibrate_vae(net, cfg, dev))
         save(sd, out / "vae.safetensors", {"stage": "vae", "config": cfg, "steps_done": step,
-                                           "complete": json.dumps(final)})
+                                           "complete": json.dumps(step >= cfg["steps"])})
 
     while step < cfg["steps"] and not stop():
         for g in opt.param_groups:
@@ -239,7 +239,7 @@ def train_vae(cfg, a, stop, dev):
         step += 1
         if step % cfg["save_every"] == 0 and step < cfg["steps"]:
             checkpoint()
-    checkpoint(final=step >= cfg["steps"])
+    checkpoint(end=True)
 
 
 @torch.no_grad()
@@ -507,10 +507,11 @@ def train_scorers(cfg, a, stop, dev):
 # ------------------------------------------------------------------------------------------------ measurement
 
 @torch.no_grad()
-def vae_ceiling(vae_path, size, scorer_path=None, seeds=2, threads=None):
+def vae_ceiling(vae_path, size, scorer_path=None, seeds=2, grid=None):
     """Subject fidelity (instance embedder) of the 12 held-out subjects' real renders (the 10 benchmark prompts x
     ``seeds``, as scripts/bench_quality.py draws them) and of their VAE round-trips at ``size`` px, against the
-    subject's 4 reference renders. Returns {subject: (real, round_trip)}."""
+    subject's 4 reference renders. Returns {subject: (real, round_trip)}; ``grid`` (a list) receives, per subject, 4
+    real renders over their round-trips."""
     from safetensors.torch import load_file
 
     from personalize.toyworld.scorers import Scorers
@@ -523,12 +524,21 @@ def vae_ceiling(vae_path, size, scorer_path=None, seeds=2, threads=None):
         real = torch.from_numpy(scenes.prompt_renders(s, seeds, size))
         rt = vae.decode(vae.encode(real)).float().clamp(0, 1).reshape(real.shape)
         res[s.name] = (sc.subject_fidelity(real, refs), sc.subject_fidelity(rt, refs))
+        if grid is not None:
+            grid.append(torch.cat([torch.cat([real[i], rt[i]], dim=0) for i in range(0, min(len(real), 8), 2)], dim=1))
     return res
 
 
 def measure_vae(cfg, a, stop, dev):
     path = Path(a.vae or (Path(a.out) / "vae.safetensors"))
-    res = vae_ceiling(path, a.size or cfg["size"], a.scorers)
+    grid = [] if a.save_grid else None
+    res = vae_ceiling(path, a.size or cfg["size"], a.scorers, seeds=a.seeds, grid=grid)
+    if grid:
+        from PIL import Image
+
+        rows = [torch.cat(grid[i:i + 3], dim=1) for i in range(0, len(grid), 3)]
+        Image.fromarray((torch.cat(rows, dim=0).numpy() * 255).round().astype(np.uint8)).save(a.save_grid)
+        log("grid (per subject: 4 real renders over their VAE round-trips, 3 subjects a row):", a.save_grid)
     for name, (real, rt) in res.items():
         print(f"{name:10s} real {real:.3f}  round-trip {rt:.3f}")
     r = np.array(list(res.values()))
@@ -563,6 +573,8 @@ def main(argv=None):
     ap.add_argument("--vae", default=None, help="vae-ceiling: the VAE file (default <out>/vae.safetensors)")
     ap.add_argument("--size", type=int, default=None, help="vae-ceiling: image size (default the recipe's)")
     ap.add_argument("--scorers", default=None, help="vae-ceiling: scorer file (default weights/toyworld's)")
+    ap.add_argument("--seeds", type=int, default=2, help="vae-ceiling: renders per benchmark prompt")
+    ap.add_argument("--save-grid", default=None, help="vae-ceiling: PNG of real renders over their round-trips")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
