@@ -161,18 +161,8 @@ METHODS = [NoPersonalization(), TokenOnly(), BootPIGReferenceAttention(), PickAn
 
 def real_renders(subject, prompts, seeds):
     """The subject drawn as each prompt asks: the ceiling."""
-    out = []
-    for k, p in enumerate(prompts):
-        for s in range(seeds):
-            rng = np.random.default_rng([0xCE1, scenes.SUBJECTS.index(subject), k, s])
-            sc = scenes.subject_scene(subject, rng, background=p["background"])
-            size = "small" if "small" in p["prompt"] else "big" if " big " in p["prompt"] else ""
-            if size:
-                lo, hi = scenes.SCALE_RANGE   # the middle of the size word's range
-                sc = sc.__class__(**{**sc.__dict__, "scale": (lo + scenes.SMALL_BELOW) / 2 if size == "small"
-                                     else (scenes.BIG_ABOVE + hi) / 2})
-            out.append(scenes.render(sc)[0])
-    return torch.from_numpy(np.stack(out))
+    assert prompts == scenes.dreambench_prompts(subject)
+    return torch.from_numpy(scenes.prompt_renders(subject, seeds))
 
 
 def main(argv=None):

@@ -1,11 +1,18 @@
-"""Train the toy world's model and scorers (CPU is enough; a GPU is used when there is one).
+"""Train the toy world's model and scorers (CPU is enough; ``--device cuda`` uses a GPU).
 
-    .venv/bin/python scripts/train_toyworld.py vae      # TAESD-architecture VAE on toy renders
-    .venv/bin/python scripts/train_toyworld.py unet     # the SD1.5-family UNet on VAE latents of base renders
-    .venv/bin/python scripts/train_toyworld.py scorers  # class/background classifier + instance embedder
+    .venv/bin/python scripts/train_toyworld.py vae       # TAESD-architecture VAE on 128 px world-v2 renders
+    .venv/bin/python scripts/train_toyworld.py unet      # the SD1.5-family UNet on VAE latents (16x16) of base renders
+    .venv/bin/python scripts/train_toyworld.py scorers   # class/background classifier + instance embedder
+    .venv/bin/python scripts/train_toyworld.py vae-ceiling   # measure: VAE round-trip subject fidelity (no training)
 
-Each stage reads its recipe from CONFIG below (override with --steps / --minutes), writes
-weights/toyworld/<stage>.safetensors (fp16, atomically) with the recipe in the file's metadata.
+Each stage reads its recipe from CONFIG below (override with --steps / --set key=value) and writes
+<out>/<stage>.safetensors (fp16, atomically; the recipe in the file's metadata) plus a resume checkpoint
+<out>/<stage>.ckpt (fp32 weights, optimizer / EMA state, step count, numpy + torch RNG states). ``--minutes M`` (or
+SIGINT / SIGTERM) stops a stage at the end of its current step and saves both; ``--resume`` continues from the
+checkpoint exactly where it stopped (same batches, same schedule: the learning rate depends on the step only), so an
+interrupted run ends bit-identical to an uninterrupted one (tests/test_toyworld.py checks it on a tiny config).
+The default output is weights/toyworld-v2-staging (world v2 is trained there until a full set is measured; the
+shipped v1 weights in weights/toyworld came from this script at fb72da7).
 Every image is drawn procedurally from a seed (toyworld/scenes.py): nothing is downloaded.
 """
 from __future__ import annotations
@@ -14,7 +21,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,25 +32,27 @@ sys.path.insert(0, str(REPO))
 from scripts import host  # noqa: E402
 
 host.bootstrap()
-sys.path.append(str(REPO))   # after ComfyUI: top-level `toyworld` (ComfyUI's own `nodes` stays first)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from toyworld import model as tw_model  # noqa: E402
-from toyworld import scenes  # noqa: E402
+from personalize.toyworld import model as tw_model  # noqa: E402  (the pack, through its import root)
+from personalize.toyworld import scenes  # noqa: E402
 
+STAGING_DIR = REPO / "weights" / "toyworld-v2-staging"
 CONFIG = {
     # subject_weight: the loss counts pixels (latent cells for the UNet) inside the subject's mask 1 + subject_weight
     # times, so the few cells that carry the subject's shape and colour are not drowned by background texture.
-    "vae": {"steps": 2400, "batch": 16, "crop": 64, "lr": 1e-3, "lr_end": 5e-5, "p_emblem": 0.3,
-            "latent_noise": 0.1, "reg": 0.01, "subject_weight": 2.0, "seed": 1},
-    "decoder": {"steps": 1500, "batch": 12, "crop": 32, "lr": 5e-4, "lr_end": 2e-5, "p_emblem": 0.3,
-                "latent_noise": 0.1, "subject_weight": 2.0, "seed": 4},
-    "unet": {"steps": 3500, "batch": 64, "lr": 1e-3, "lr_end": 5e-5, "n_images": 12000, "p_uncond": 0.1,
-             "subject_weight": 3.0, "ema": 0.999, "seed": 2},
-    "scorers": {"steps": 2000, "batch": 48, "lr": 6e-4, "lr_end": 3e-5, "temperature": 0.1, "seed": 3},
+    # vae: 128 px renders (16x16 latents), trained on latent-aligned 64 px crops (the VAE is convolutional; a crop
+    # costs a quarter of a full image). init: a TAESD state dict to start from ("" = from scratch).
+    "vae": {"steps": 360, "batch": 12, "size": 128, "crop": 64, "lr": 4e-4, "lr_end": 2e-5, "warmup": 20,
+            "latent_noise": 0.1, "reg": 0.01, "subject_weight": 2.0, "calib_images": 256, "seed": 11,
+            "init": "weights/toyworld/vae.safetensors", "save_every": 40},
+    "unet": {"steps": 6000, "batch": 64, "size": 128, "lr": 1e-3, "lr_end": 5e-5, "warmup": 100, "n_images": 12000,
+             "p_uncond": 0.1, "subject_weight": 3.0, "ema": 0.999, "seed": 12, "save_every": 200},
+    "scorers": {"steps": 2000, "batch": 48, "size": 64, "lr": 6e-4, "lr_end": 3e-5, "warmup": 50, "temperature": 0.1,
+                "seed": 13, "save_every": 200},
 }
 
 
@@ -49,41 +60,95 @@ def log(*a):
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
-_DEADLINE = {"t0": time.time(), "seconds": float("inf")}
+def lr_at(cfg, step):
+    """Linear warm-up, then cosine decay to lr_end at cfg['steps']: a function of the step alone, so a resumed run
+    follows the same schedule as an uninterrupted one."""
+    if step < cfg.get("warmup", 0):
+        return cfg["lr"] * (step + 1) / cfg["warmup"]
+    frac = min(1.0, step / max(1, cfg["steps"]))
+    return cfg["lr_end"] + 0.5 * (cfg["lr"] - cfg["lr_end"]) * (1 + math.cos(math.pi * frac))
 
 
-def lr_at(cfg, step, steps):
-    """Cosine decay over the run's progress: the larger of steps done and wall time used (so a --minutes limit
-    still ends the schedule at lr_end)."""
-    frac = max(step / steps, (time.time() - _DEADLINE["t0"]) / _DEADLINE["seconds"])
-    return cfg["lr_end"] + 0.5 * (cfg["lr"] - cfg["lr_end"]) * (1 + math.cos(math.pi * min(frac, 1.0)))
+class Stop:
+    """When to stop a stage early: a wall-time limit (--minutes) or SIGINT / SIGTERM; checked between steps."""
+
+    def __init__(self, minutes, steps=None):
+        self.t0, self.seconds, self.signalled = time.time(), minutes * 60, False
+        self.steps, self.calls = steps, 0
+
+    def install(self):
+        def handler(signum, frame):
+            log(f"signal {signum}: stopping after this step (checkpoint follows)")
+            self.signalled = True
+
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def __call__(self):
+        """True when the stage should stop before its next step."""
+        self.calls += 1
+        return (self.signalled or time.time() - self.t0 >= self.seconds
+                or (self.steps is not None and self.calls > self.steps))
 
 
-def save(tensors, name, meta):
+def save(tensors, path, meta):
+    """fp16 safetensors, written to a temporary name and renamed (never half-written; never NaN)."""
     from safetensors.torch import save_file
 
-    out = Path(tw_model.WEIGHTS_DIR)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{name}.tmp"
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}, str(tmp),
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise RuntimeError(f"not saving {path}: non-finite weights in {bad[:3]}")
+    tmp = path.parent / f".{path.name}.partial"
+    save_file({k: v.detach().cpu().to(torch.float16).contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()})
-    os.replace(tmp, out / name)
-    log("saved", out / name, f"{(out / name).stat().st_size / 1e6:.2f} MB")
+    os.replace(tmp, path)
+    log("saved", path, f"{path.stat().st_size / 1e6:.2f} MB")
+
+
+def rng_state(rng, device):
+    st = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(rng, st, device):
+    rng.bit_generator.state = st["numpy"]
+    torch.set_rng_state(st["torch"])
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(path, **state):
+    """Everything a stage needs to continue losslessly (fp32), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.partial"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    log("checkpoint", path, f"step {state['step']}", f"{path.stat().st_size / 1e6:.1f} MB")
+
+
+def load_checkpoint(path, cfg):
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if ck["cfg"] != cfg:
+        changed = sorted(k for k in set(ck["cfg"]) | set(cfg) if ck["cfg"].get(k) != cfg.get(k))
+        raise SystemExit(f"--resume: {path} was written with a different recipe (keys {changed}); "
+                         f"pass the same --steps / --set options, or start without --resume")
+    log("resuming from", path, "at step", ck["step"])
+    return ck
 
 
 def to_tensor(imgs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float()
 
 
-def render_mixed(rng, n, p_emblem):
-    """n random scenes (a share with random non-held-out emblems): (images NCHW, subject masks N1HW)."""
-    imgs, masks = [], []
-    for _ in range(n):
-        emb = scenes.random_emblem(rng) if rng.random() < p_emblem else None
-        img, m = scenes.render(scenes.sample_scene(rng, emblem=emb))
-        imgs.append(img)
-        masks.append(m)
-    return to_tensor(np.stack(imgs)), torch.from_numpy(np.stack(masks))[:, None]
+def render_training(rng, n, size):
+    """n random training scenes (scenes.training_scenes: world v2 looks, never a held-out emblem) at ``size`` px:
+    (images NCHW, subject masks N1HW)."""
+    out = [scenes.render(sc, size) for sc in scenes.training_scenes(rng, n)]
+    return to_tensor(np.stack([o[0] for o in out])), torch.from_numpy(np.stack([o[1] for o in out]))[:, None]
 
 
 def crop(rng, c, *xs):
@@ -103,30 +168,63 @@ def weighted_rec(y, x, m, subject_weight):
 
 # ------------------------------------------------------------------------------------------------ VAE
 
-def train_vae(cfg, steps, minutes):
+def _load_taesd(path):
+    from safetensors.torch import load_file
+
+    net = tw_model.new_taesd()
+    net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return net
+
+
+def train_vae(cfg, a, stop, dev):
+    out = Path(a.out)
+    ckpt_path = out / "vae.ckpt"
     torch.manual_seed(cfg["seed"])
     rng = np.random.default_rng(cfg["seed"])
-    net = tw_model.new_taesd()
-    from scripts.models import init_random_
+    if cfg.get("init"):
+        net = _load_taesd(REPO / cfg["init"])
+        log("initialised from", cfg["init"])
+    else:
+        net = tw_model.new_taesd()
+        from comfy.taesd.taesd import Block
 
-    init_random_(net.taesd_encoder, cfg["seed"])
-    init_random_(net.taesd_decoder, cfg["seed"] + 1)
-    from comfy.taesd.taesd import Block
+        from scripts.models import init_random_
 
-    with torch.no_grad():   # zero-init each residual branch's last conv: every Block starts as identity (trainable
-        for mod in net.modules():   # depth without normalization layers, much faster convergence from scratch)
-            if isinstance(mod, Block):
-                mod.conv[-1].weight.zero_()
-                mod.conv[-1].bias.zero_()
+        init_random_(net.taesd_encoder, cfg["seed"])
+        init_random_(net.taesd_decoder, cfg["seed"] + 1)
+        with torch.no_grad():   # zero-init each residual branch's last conv: every Block starts as identity
+            for mod in net.modules():
+                if isinstance(mod, Block):
+                    mod.conv[-1].weight.zero_()
+                    mod.conv[-1].bias.zero_()
+    net.to(dev)
     params = list(net.taesd_encoder.parameters()) + list(net.taesd_decoder.parameters())
     opt = torch.optim.Adam(params, lr=cfg["lr"])
-    t0, step = time.time(), 0
-    while step < steps and time.time() - _DEADLINE["t0"] < minutes * 60:
+    step = 0
+    if a.resume:
+        ck = load_checkpoint(ckpt_path, cfg)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        set_rng_state(rng, ck["rng"], dev)
+        step = ck["step"]
+    t0 = time.time()
+
+    def checkpoint(end=False):
+        save_checkpoint(ckpt_path, model=net.state_dict(), opt=opt.state_dict(), step=step, cfg=cfg,
+                        rng=rng_state(rng, dev))
+        sd = dict(net.state_dict())
+        if end:   # when the run ends (complete or stopped), so that the file can be used as it is
+            sd.update(calibrate_vae(net, cfg, dev))
+        save(sd, out / "vae.safetensors", {"stage": "vae", "config": cfg, "steps_done": step,
+                                           "complete": json.dumps(step >= cfg["steps"])})
+
+    while step < cfg["steps"] and not stop():
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step, steps)
-        x, m = crop(rng, cfg["crop"], *render_mixed(rng, cfg["batch"], cfg["p_emblem"]))
+            g["lr"] = lr_at(cfg, step)
+        x, m = crop(rng, cfg["crop"], *render_training(rng, cfg["batch"], cfg["size"]))
+        x, m = x.to(dev), m.to(dev)
         e = net.taesd_encoder(x)                                   # what the UNet sees (x0.18215 cancels vae_scale)
-        z = e + cfg["latent_noise"] * torch.randn_like(e)
+        z = e + cfg["latent_noise"] * torch.randn(e.shape).to(dev)
         y = net.taesd_decoder(z)
         rec = weighted_rec(y, x, m, cfg["subject_weight"])
         mu, var = e.mean(dim=(0, 2, 3)), e.var(dim=(0, 2, 3))
@@ -136,49 +234,24 @@ def train_vae(cfg, steps, minutes):
         loss.backward()
         opt.step()
         if step % 25 == 0:
-            log(f"vae step {step} rec {rec.item():.4f} reg {reg.item():.3f} std {var.mean().sqrt().item():.2f}")
-        if step % 500 == 499:
-            save(net.state_dict(), "vae.safetensors", {"stage": "vae", "config": cfg, "steps_done": step + 1})
+            log(f"vae step {step} rec {rec.item():.4f} reg {reg.item():.3f} std {var.mean().sqrt().item():.2f} "
+                f"lr {lr_at(cfg, step):.2e} ({time.time() - t0:.0f}s)")
         step += 1
-    sd = {k: v for k, v in net.state_dict().items()}
-    save(sd, "vae.safetensors", {"stage": "vae", "config": cfg, "steps_done": step,
-                                 "minutes": round((time.time() - t0) / 60, 1)})
+        if step % cfg["save_every"] == 0 and step < cfg["steps"]:
+            checkpoint()
+    checkpoint(end=True)
 
 
-def train_decoder(cfg, steps, minutes):
-    """Fine-tune the VAE decoder with the encoder frozen: the latent space (and so a UNet trained on it) is unchanged."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    torch.manual_seed(cfg["seed"])
-    rng = np.random.default_rng(cfg["seed"])
-    path = os.path.join(tw_model.WEIGHTS_DIR, "vae.safetensors")
-    vae_sd = load_file(path)
-    with safe_open(path, "pt") as f:
-        meta = dict(f.metadata() or {})
-    net = tw_model.new_taesd()
-    net.load_state_dict({k: v.float() for k, v in vae_sd.items()})
-    net.taesd_encoder.requires_grad_(False)
-    opt = torch.optim.Adam(net.taesd_decoder.parameters(), lr=cfg["lr"])
-    step = 0
-    while step < steps and time.time() - _DEADLINE["t0"] < minutes * 60:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step, steps)
-        x, m = crop(rng, cfg["crop"], *render_mixed(rng, cfg["batch"], cfg["p_emblem"]))
-        with torch.no_grad():
-            e = net.taesd_encoder(x)
-        y = net.taesd_decoder(e + cfg["latent_noise"] * torch.randn_like(e))
-        rec = weighted_rec(y, x, m, cfg["subject_weight"])
-        opt.zero_grad()
-        rec.backward()
-        opt.step()
-        if step % 25 == 0:
-            log(f"decoder step {step} rec {rec.item():.4f}")
-        step += 1
-    sd = {k: v for k, v in net.state_dict().items()}
-    sd["vae_scale"], sd["vae_shift"] = vae_sd["vae_scale"], vae_sd["vae_shift"]   # keep the calibration
-    meta["decoder_finetune"] = json.dumps({"config": cfg, "steps_done": step})
-    save(sd, "vae.safetensors", meta)
+@torch.no_grad()
+def calibrate_vae(net, cfg, dev):
+    """vae_scale / vae_shift such that SD1.5's latent format (x0.18215) hands the UNet zero-mean unit-std latents:
+    ComfyUI's TAESD encode() = e / vae_scale + vae_shift, decode(x) = decoder((x - vae_shift) * vae_scale)."""
+    rng = np.random.default_rng([cfg["seed"], 0xCA1])
+    lat = torch.cat([net.taesd_encoder(render_training(rng, 32, cfg["size"])[0].to(dev)).cpu()
+                     for _ in range(max(1, cfg["calib_images"] // 32))])
+    mu, sd = lat.mean().item(), lat.std().item()
+    log(f"calibration on {lat.shape[0]} renders: latent mean {mu:.3f} std {sd:.3f}")
+    return {"vae_scale": torch.tensor(tw_model.VAE_SCALE * sd), "vae_shift": torch.tensor(-mu / (tw_model.VAE_SCALE * sd))}
 
 
 # ------------------------------------------------------------------------------------------------ UNet
@@ -199,12 +272,13 @@ class CompactContext:
 
     def __init__(self, clip, unet):
         self.clip, self.cache, self.bias = clip, {}, None
+        self.device = next(unet.parameters()).device
         self.modules = [m for n, m in unet.named_modules() if n.endswith("attn2")]
         self.originals = [m.forward for m in self.modules]
 
     def full(self, caps):
         with torch.no_grad():
-            return torch.cat([self.clip.encode_from_tokens(self.clip.tokenize(c)) for c in caps])
+            return torch.cat([self.clip.encode_from_tokens(self.clip.tokenize(c)) for c in caps]).to(self.device)
 
     def compact(self, caps):
         rows = []
@@ -219,7 +293,7 @@ class CompactContext:
         bias = torch.full((len(caps), n), float("-inf"))
         for i, (u, lb) in enumerate(rows):
             ctx[i, :len(u)], bias[i, :len(u)] = u, lb
-        return ctx, bias
+        return ctx.to(self.device), bias.to(self.device)
 
     def install(self, bias):
         self.bias = bias
@@ -240,8 +314,15 @@ class CompactContext:
         return forward
 
     @torch.no_grad()
-    def check(self, unet, caps):
-        x, t = torch.randn(len(caps), 4, tw_model.LATENT_SIZE, tw_model.LATENT_SIZE), torch.tensor([500.0] * len(caps))
+    def check(self, unet, caps, latent):
+        with torch.random.fork_rng(devices=[]):   # leaves the training RNG where it was (exact resume)
+            torch.manual_seed(0)
+            self._check(unet, caps, latent)
+
+    def _check(self, unet, caps, latent):
+        p = next(unet.parameters())
+        x = torch.randn(len(caps), 4, latent, latent, device=p.device)
+        t = torch.tensor([500.0] * len(caps), device=p.device)
         ref = unet(x, t, context=self.full(caps))
         ctx, bias = self.compact(caps)
         self.install(bias)
@@ -254,74 +335,88 @@ class CompactContext:
         log(f"compact context equals the plain UNet (max abs diff {err:.2e})")
 
 
-def train_unet(cfg, steps, minutes):
+def unet_inputs(vae_sd, e):
+    """The UNet's input for TAESD encoder output e, exactly as ComfyUI computes it at sampling time:
+    SD15 latent format x 0.18215 of (e / vae_scale + vae_shift)."""
+    return (e / vae_sd["vae_scale"].float() + vae_sd["vae_shift"].float()) * tw_model.VAE_SCALE
+
+
+def build_latents(cfg, vae_path, dev):
+    """Latents + per-cell loss weights + scenes of the base renders 0..n_images-1 (deterministic from the seeds)."""
     from safetensors.torch import load_file
 
-    from scripts.models import init_random_
-
-    seed = cfg["seed"] + (1000 if cfg.get("resume") else 0)   # a resumed run draws new batches
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    vae_sd = load_file(os.path.join(tw_model.WEIGHTS_DIR, "vae.safetensors"))
+    vae_sd = load_file(str(vae_path))
     enc = tw_model.new_taesd()
     enc.load_state_dict({k: v.float() for k, v in vae_sd.items()})
-    enc.eval()
-    log("rendering + encoding", cfg["n_images"], "base images")
+    enc.to(dev).eval()
     lat, wts, caps_scenes = [], [], []
+    f = cfg["size"] // (cfg["size"] // 8)
     with torch.no_grad():
-        for s0 in range(0, cfg["n_images"], 256):
-            imgs, masks, _, sc = scenes.batch(range(s0, min(s0 + 256, cfg["n_images"])))
-            lat.append(enc.taesd_encoder(to_tensor(imgs)))
-            m = F.avg_pool2d(torch.from_numpy(masks)[:, None], tw_model.IMAGE_SIZE // tw_model.LATENT_SIZE)
+        for s0 in range(0, cfg["n_images"], 128):
+            imgs, masks, _, sc = scenes.batch(range(s0, min(s0 + 128, cfg["n_images"])), cfg["size"])
+            lat.append(unet_inputs(vae_sd, enc.taesd_encoder(to_tensor(imgs).to(dev))).cpu())
+            m = F.avg_pool2d(torch.from_numpy(masks)[:, None], f)
             wts.append(1.0 + cfg["subject_weight"] * m)    # per latent cell: 1 + w * subject coverage
             caps_scenes += sc
     lat, wts = torch.cat(lat), torch.cat(wts)
-    # calibrate the VAE so that the SD1.5 latent format (x0.18215) hands the UNet zero-mean unit-std latents:
-    # encode() = e / vae_scale + vae_shift, decode(x) = decoder((x - vae_shift) * vae_scale)
-    mu, sd = lat.mean().item(), lat.std().item()
-    vae_sd["vae_scale"] = torch.tensor(tw_model.VAE_SCALE * sd)
-    vae_sd["vae_shift"] = torch.tensor(-mu / (tw_model.VAE_SCALE * sd))
-    from safetensors import safe_open
+    log("latents", tuple(lat.shape), f"mean {lat.mean().item():.3f} std {lat.std().item():.3f}")
+    return lat, wts, caps_scenes
 
-    with safe_open(os.path.join(tw_model.WEIGHTS_DIR, "vae.safetensors"), "pt") as f:
-        meta = dict(f.metadata() or {})
-    meta["calibrated"] = json.dumps({"mean": mu, "std": sd})
-    save(vae_sd, "vae.safetensors", meta)
-    lat = (lat - mu) / sd
-    log("latents", tuple(lat.shape), "raw mean", mu, "std", sd, "-> unit")
+
+def train_unet(cfg, a, stop, dev):
+    from scripts.models import init_random_
+
+    out = Path(a.out)
+    ckpt_path = out / "unet.ckpt"
+    torch.manual_seed(cfg["seed"])
+    rng = np.random.default_rng(cfg["seed"])
+    log("rendering + encoding", cfg["n_images"], "base images")
+    lat, wts, caps_scenes = build_latents(cfg, out / "vae.safetensors", dev)
+    latent = cfg["size"] // 8
     clip = tw_model.build_clip()
-    bm = tw_model.model_config().get_model({})
+    bm = tw_model.model_config(tw_model.UNET_CONFIG_V2).get_model({})
     unet = bm.diffusion_model
-    prev = os.path.join(tw_model.WEIGHTS_DIR, "unet.safetensors")
-    if cfg.get("resume") and os.path.isfile(prev):     # continue training from the saved weights
-        unet.load_state_dict({k: v.float() for k, v in load_file(prev).items()})
-        log("resumed from", prev)
-    else:
-        init_random_(unet, cfg["seed"])
-        with torch.no_grad():   # zero-init the output conv: start as a "predict 0" model (stable early training)
-            unet.out[-1].weight.zero_()
-            unet.out[-1].bias.zero_()
+    init_random_(unet, cfg["seed"])
+    with torch.no_grad():   # zero-init the output conv: start as a "predict 0" model (stable early training)
+        unet.out[-1].weight.zero_()
+        unet.out[-1].bias.zero_()
+    unet.to(dev)
     acp = _alphas_cumprod(bm)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    cc = CompactContext(clip, unet)
-    cc.check(unet, ["", "a photo of a big red striped ball on the beach", "a photo of a cube in the snow"])
     ema_sd = {k: v.detach().clone() for k, v in unet.state_dict().items()}   # EMA of the weights: what is saved
-    t0, step, ema = time.time(), 0, None
+    step, avg = 0, None
+    if a.resume:
+        ck = load_checkpoint(ckpt_path, cfg)
+        unet.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        ema_sd = {k: v.to(dev) for k, v in ck["ema"].items()}
+        set_rng_state(rng, ck["rng"], dev)
+        step, avg = ck["step"], ck["avg"]
+    cc = CompactContext(clip, unet)
+    cc.check(unet, ["", "a photo of a big red striped ball on the beach", "a photo of a cube in the snow"], latent)
+    t0 = time.time()
+
+    def checkpoint(final=False):
+        save_checkpoint(ckpt_path, model=unet.state_dict(), opt=opt.state_dict(), ema=ema_sd, step=step, avg=avg,
+                        cfg=cfg, rng=rng_state(rng, dev))
+        save(ema_sd, out / "unet.safetensors", {"stage": "unet", "config": cfg, "steps_done": step,
+                                                "complete": json.dumps(final)})
+
     unet.train()
-    while step < steps and time.time() - _DEADLINE["t0"] < minutes * 60:
+    while step < cfg["steps"] and not stop():
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step, steps)
+            g["lr"] = lr_at(cfg, step)
         idx = rng.integers(0, len(lat), cfg["batch"])
-        x0 = lat[idx]
+        x0 = lat[idx].to(dev)
         caps = ["" if rng.random() < cfg["p_uncond"] else scenes.random_caption(caps_scenes[i], rng) for i in idx]
         ctx, bias = cc.compact(caps)
         cc.install(bias)
         t = torch.from_numpy(rng.integers(0, 1000, cfg["batch"]))
-        a = acp[t].view(-1, 1, 1, 1)
-        eps = torch.randn_like(x0)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        pred = unet(xt, t.float(), context=ctx)
-        w = wts[idx]
+        al = acp[t].view(-1, 1, 1, 1).to(dev)
+        eps = torch.randn(x0.shape).to(dev)
+        xt = al.sqrt() * x0 + (1 - al).sqrt() * eps
+        pred = unet(xt, t.float().to(dev), context=ctx)
+        w = wts[idx].to(dev)
         loss = (((pred - eps) ** 2) * w).mean() / w.mean()
         opt.zero_grad()
         loss.backward()
@@ -331,55 +426,67 @@ def train_unet(cfg, steps, minutes):
             d = min(cfg["ema"], (1 + step) / (10 + step))
             for k, v in unet.state_dict().items():
                 ema_sd[k].mul_(d).add_(v.detach(), alpha=1 - d) if v.is_floating_point() else ema_sd[k].copy_(v)
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         if step % 25 == 0:
-            log(f"unet step {step} loss {ema:.4f} ({time.time() - t0:.0f}s)")
-        if step % 300 == 299:
-            save(ema_sd, "unet.safetensors", {"stage": "unet", "config": cfg, "steps_done": step + 1})
+            log(f"unet step {step} loss {avg:.4f} lr {lr_at(cfg, step):.2e} ({time.time() - t0:.0f}s)")
         step += 1
+        if step % cfg["save_every"] == 0 and step < cfg["steps"]:
+            checkpoint()
     cc.remove()
-    save(ema_sd, "unet.safetensors", {"stage": "unet", "config": cfg, "steps_done": step,
-                                                  "minutes": round((time.time() - t0) / 60, 1)})
+    checkpoint(final=step >= cfg["steps"])
 
 
 # ------------------------------------------------------------------------------------------------ scorers
 
-def train_scorers(cfg, steps, minutes):
-    from toyworld import scorers
+def scorer_scenes(rng, B):
+    """One scorer batch's scenes: B training scenes for the classifier, and B/2 training instances x 2 views
+    (restaged: different pose / scale / background) for the contrastive embedder."""
+    return scenes.training_scenes(rng, B), [scenes.restage(inst, rng) for inst in scenes.training_scenes(rng, B // 2)
+                                             for _v in range(2)]
 
+
+def train_scorers(cfg, a, stop, dev):
+    from personalize.toyworld import scorers
+
+    out = Path(a.out)
+    ckpt_path = out / "scorers.ckpt"
     torch.manual_seed(cfg["seed"])
     rng = np.random.default_rng(cfg["seed"])
-    cls_net, emb_net = scorers.ClassBgNet(), scorers.InstanceNet()
-    prev = os.path.join(tw_model.WEIGHTS_DIR, "scorers.safetensors")
-    if cfg.get("resume") and os.path.isfile(prev):     # continue training from the shipped weights
-        old = scorers.Scorers(prev)
-        cls_net.load_state_dict(old.cls_net.state_dict())
-        emb_net.load_state_dict(old.emb_net.state_dict())
-        log("resumed from", prev)
+    cls_net, emb_net = scorers.ClassBgNet().to(dev), scorers.InstanceNet().to(dev)
     opt = torch.optim.AdamW(list(cls_net.parameters()) + list(emb_net.parameters()), lr=cfg["lr"], weight_decay=1e-4)
-    t0, step = time.time(), 0
-    B = cfg["batch"]
-    while step < steps and time.time() - _DEADLINE["t0"] < minutes * 60:
+    step = 0
+    if a.resume:
+        ck = load_checkpoint(ckpt_path, cfg)
+        cls_net.load_state_dict(ck["classifier"])
+        emb_net.load_state_dict(ck["embedder"])
+        opt.load_state_dict(ck["opt"])
+        set_rng_state(rng, ck["rng"], dev)
+        step = ck["step"]
+    B, t0 = cfg["batch"], time.time()
+
+    def checkpoint(final=False):
+        save_checkpoint(ckpt_path, classifier=cls_net.state_dict(), embedder=emb_net.state_dict(),
+                        opt=opt.state_dict(), step=step, cfg=cfg, rng=rng_state(rng, dev))
+        sd = {f"classifier.{k}": v for k, v in cls_net.state_dict().items()}
+        sd.update({f"embedder.{k}": v for k, v in emb_net.state_dict().items()})
+        save(sd, out / "scorers.safetensors", {"stage": "scorers", "config": cfg, "steps_done": step,
+                                               "complete": json.dumps(final)})
+
+    while step < cfg["steps"] and not stop():
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step, steps)
-        # classifier batch: base + emblem scenes
-        sc = [scenes.sample_scene(rng, emblem=scenes.random_emblem(rng) if rng.random() < 0.3 else None)
-              for _ in range(B)]
-        x = scorers.augment(to_tensor(np.stack([scenes.render(s)[0] for s in sc])), rng)
-        yc = torch.tensor([scenes.CLASSES.index(s.cls) for s in sc])
-        yb = torch.tensor([list(scenes.BACKGROUNDS).index(s.background) for s in sc])
+            g["lr"] = lr_at(cfg, step)
+        sc, pairs = scorer_scenes(rng, B)
+        x = scorers.augment(to_tensor(np.stack([scenes.render(s, cfg["size"])[0] for s in sc])), rng).to(dev)
+        yc = torch.tensor([scenes.CLASSES.index(s.cls) for s in sc], device=dev)
+        yb = torch.tensor([list(scenes.BACKGROUNDS).index(s.background) for s in sc], device=dev)
         lc, lb = cls_net(x)
         loss_c = F.cross_entropy(lc, yc) + F.cross_entropy(lb, yb)
         # contrastive batch: B/2 instances x 2 views (different pose / scale / background)
-        views = []
-        for _ in range(B // 2):
-            inst = scenes.sample_scene(rng, emblem=scenes.random_emblem(rng) if rng.random() < 0.7 else None)
-            for _v in range(2):
-                views.append(scenes.render(scenes.restage(inst, rng))[0])
-        z = emb_net(scorers.augment(to_tensor(np.stack(views)), rng))
+        views = [scenes.render(v, cfg["size"])[0] for v in pairs]
+        z = emb_net(scorers.augment(to_tensor(np.stack(views)), rng).to(dev))
         sim = z @ z.t() / cfg["temperature"]
         sim.fill_diagonal_(-1e4)
-        target = torch.arange(B) ^ 1
+        target = torch.arange(B, device=dev) ^ 1
         loss_e = F.cross_entropy(sim, target)
         loss = loss_c + loss_e
         opt.zero_grad()
@@ -390,34 +497,105 @@ def train_scorers(cfg, steps, minutes):
             acc_b = (lb.argmax(1) == yb).float().mean().item()
             acc_e = (sim.argmax(1) == target).float().mean().item()
             log(f"scorers step {step} cls {loss_c.item():.3f} (acc c {acc_c:.2f} b {acc_b:.2f}) "
-                f"nce {loss_e.item():.3f} (top1 {acc_e:.2f})")
+                f"nce {loss_e.item():.3f} (top1 {acc_e:.2f}) ({time.time() - t0:.0f}s)")
         step += 1
-    sd = {f"classifier.{k}": v for k, v in cls_net.state_dict().items()}
-    sd.update({f"embedder.{k}": v for k, v in emb_net.state_dict().items()})
-    save(sd, "scorers.safetensors", {"stage": "scorers", "config": cfg, "steps_done": step,
-                                     "minutes": round((time.time() - t0) / 60, 1)})
+        if step % cfg["save_every"] == 0 and step < cfg["steps"]:
+            checkpoint()
+    checkpoint(final=step >= cfg["steps"])
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+
+@torch.no_grad()
+def vae_ceiling(vae_path, size, scorer_path=None, seeds=2, grid=None):
+    """Subject fidelity (instance embedder) of the 12 held-out subjects' real renders (the 10 benchmark prompts x
+    ``seeds``, as scripts/bench_quality.py draws them) and of their VAE round-trips at ``size`` px, against the
+    subject's 4 reference renders. Returns {subject: (real, round_trip)}; ``grid`` (a list) receives, per subject, 4
+    real renders over their round-trips."""
+    from safetensors.torch import load_file
+
+    from personalize.toyworld.scorers import Scorers
+
+    sc = Scorers(str(scorer_path) if scorer_path else None)
+    vae = tw_model.build_vae(load_file(str(vae_path)))
+    res = {}
+    for s in scenes.SUBJECTS:
+        refs = torch.from_numpy(np.stack([r[0] for r in scenes.subject_references(s, size=size)]))
+        real = torch.from_numpy(scenes.prompt_renders(s, seeds, size))
+        rt = vae.decode(vae.encode(real)).float().clamp(0, 1).reshape(real.shape)
+        res[s.name] = (sc.subject_fidelity(real, refs), sc.subject_fidelity(rt, refs))
+        if grid is not None:
+            grid.append(torch.cat([torch.cat([real[i], rt[i]], dim=0) for i in range(0, min(len(real), 8), 2)], dim=1))
+    return res
+
+
+def measure_vae(cfg, a, stop, dev):
+    path = Path(a.vae or (Path(a.out) / "vae.safetensors"))
+    grid = [] if a.save_grid else None
+    res = vae_ceiling(path, a.size or cfg["size"], a.scorers, seeds=a.seeds, grid=grid)
+    if grid:
+        from PIL import Image
+
+        rows = [torch.cat(grid[i:i + 3], dim=1) for i in range(0, len(grid), 3)]
+        Image.fromarray((torch.cat(rows, dim=0).numpy() * 255).round().astype(np.uint8)).save(a.save_grid)
+        log("grid (per subject: 4 real renders over their VAE round-trips, 3 subjects a row):", a.save_grid)
+    for name, (real, rt) in res.items():
+        print(f"{name:10s} real {real:.3f}  round-trip {rt:.3f}")
+    r = np.array(list(res.values()))
+    worst = min(res, key=lambda k: res[k][1])
+    print(f"VAE {path} at {a.size or cfg['size']} px, scorer {a.scorers or 'weights/toyworld/scorers.safetensors'}: "
+          f"real renders {r[:, 0].mean():.3f}, round-trips mean {r[:, 1].mean():.3f}, worst {worst} {res[worst][1]:.3f}")
+
+
+STAGES = {"vae": train_vae, "unet": train_unet, "scorers": train_scorers, "vae-ceiling": measure_vae}
+
+
+def _value(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=list(CONFIG))
-    ap.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
-    ap.add_argument("--minutes", type=float, default=1e9, help="stop (and save) after this much wall time")
+    ap.add_argument("stage", choices=list(STAGES))
+    ap.add_argument("--steps", type=int, default=None, help="override the recipe's step count (sets the schedule)")
+    ap.add_argument("--minutes", type=float, default=1e9, help="stop after this much wall time (checkpoint saved)")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop after this many steps of this run (checkpoint saved), as a time limit would")
+    ap.add_argument("--resume", action="store_true", help="continue exactly from <out>/<stage>.ckpt")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe entry (JSON value), e.g. --set batch=8 --set init=")
+    ap.add_argument("--out", default=str(STAGING_DIR), help="where weights and checkpoints go")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--resume", action="store_true", help="unet / scorers: continue from the saved weights")
-    ap.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
+    ap.add_argument("--vae", default=None, help="vae-ceiling: the VAE file (default <out>/vae.safetensors)")
+    ap.add_argument("--size", type=int, default=None, help="vae-ceiling: image size (default the recipe's)")
+    ap.add_argument("--scorers", default=None, help="vae-ceiling: scorer file (default weights/toyworld's)")
+    ap.add_argument("--seeds", type=int, default=2, help="vae-ceiling: renders per benchmark prompt")
+    ap.add_argument("--save-grid", default=None, help="vae-ceiling: PNG of real renders over their round-trips")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    cfg = dict(CONFIG[a.stage])
-    steps = a.steps or cfg["steps"]
-    cfg["steps"] = steps
-    if a.resume:
-        cfg["resume"] = True
-    if a.lr:
-        cfg["lr"] = a.lr
-    log("stage", a.stage, json.dumps(cfg))
-    _DEADLINE.update(t0=time.time(), seconds=a.minutes * 60)
-    {"vae": train_vae, "decoder": train_decoder, "unet": train_unet, "scorers": train_scorers}[a.stage](cfg, steps, a.minutes)
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    cfg = dict(CONFIG["vae" if a.stage == "vae-ceiling" else a.stage])
+    for kv in a.set:
+        k, _, v = kv.partition("=")
+        if k not in cfg:
+            raise SystemExit(f"--set {kv}: the {a.stage} recipe has no entry {k!r} (it has {sorted(cfg)})")
+        cfg[k] = _value(v)
+    if a.steps:
+        cfg["steps"] = a.steps
+    log("stage", a.stage, json.dumps(cfg), "device", dev)
+    stop = Stop(a.minutes, a.stop_after)
+    old = stop.install() if threading.current_thread() is threading.main_thread() else {}
+    try:
+        STAGES[a.stage](cfg, a, stop, dev)
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Weights live in ``weights/toyworld/`` (``unet.safetensors``, ``vae.safetensors``
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -32,6 +33,9 @@ UNET_CONFIG = {
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
+# world v2's UNet: the same width and blocks (4.5 M parameters, 9 MB in fp16) on 16x16 latents (128 px images), 4
+# heads instead of 2 (free in parameters): resolution, not width, is what the v1 model lacked
+UNET_CONFIG_V2 = dict(UNET_CONFIG, image_size=16, num_heads=4)
 CLIP_CONFIG = {"num_hidden_layers": 1, "intermediate_size": 64, "num_attention_heads": 4}
 VOCAB_DIM = 768
 VAE_SCALE = 0.18215
@@ -39,11 +43,12 @@ IMAGE_SIZE = 64
 LATENT_SIZE = 8
 
 
-def model_config():
+def model_config(unet_config: dict | None = None):
     import comfy.supported_models as sm
 
-    mc = sm.SD15(dict(UNET_CONFIG))
-    mc.unet_config["num_heads"] = UNET_CONFIG["num_heads"]
+    unet_config = unet_config or UNET_CONFIG
+    mc = sm.SD15(dict(unet_config))
+    mc.unet_config["num_heads"] = unet_config["num_heads"]
     mc.unet_config["num_head_channels"] = -1
     mc.set_inference_dtype(torch.float32, None)
     return mc
@@ -61,9 +66,11 @@ def build_unet(state_dict: dict | None = None, device=None):
     return comfy.model_patcher.ModelPatcher(bm, load_device=load, offload_device=mm.unet_offload_device())
 
 
+@functools.lru_cache(maxsize=2)
 def token_table(n: int = 49408, dim: int = VOCAB_DIM) -> torch.Tensor:
     """Fixed pseudo-random token embeddings: E[i, j] = sqrt(2) sin(i f_j + p_j) with irrational frequencies/phases.
-    Deterministic on every platform (float64 math), near-orthogonal rows, no file needed."""
+    Deterministic on every platform (float64 math), near-orthogonal rows, no file needed. Cached (about 2 s to
+    compute on a CPU): callers read it, never modify it in place."""
     j = torch.arange(dim, dtype=torch.float64)
     f = 2 * math.pi * torch.frac((j + 1) * 0.6180339887498949 + 0.1234567)
     p = 2 * math.pi * torch.frac((j + 1) * 0.7548776662466927)

@@ -1,13 +1,19 @@
 """The toy world's scenes: a deterministic procedural renderer and its caption grammar (numpy only).
 
-A scene is one subject (a class shape with a colour and a pattern, or a held-out subject's multi-part emblem) at a
-position, scale, rotation and mirror, on one of six backgrounds. Everything is drawn from a seed: no files.
+A scene is one subject (a class shape with a *look*) at a position, scale, rotation and mirror, on one of six
+backgrounds. Everything is drawn from a seed: no files.
+
+World v2: base training sees the whole visual vocabulary the held-out subjects are made of. A look is a body colour
+from the 11-colour palette with an optional pattern, or an emblem: a body split in two colours (vertical, horizontal,
+diagonal, quadrants, rim, or none) and an optional central symbol (cross, ring, triangle, diamond, bar, dot) in a
+third colour. Every training generator gets its looks from ``sample_look``, which rerolls the held-out subjects'
+emblems (and their mirror images), on every class: the held-out *combinations* are never drawn, their parts are.
 
     >>> img, mask, cap, scene = base_example(0)      # img (64, 64, 3) float32 in [0, 1], mask (64, 64)
     >>> cap
     'a photo of a ... on the beach'
 
-Held-out subjects (``SUBJECTS``) carry an emblem (two-colour split + a central symbol) that base training never
+Held-out subjects (``SUBJECTS``) carry an emblem (two-colour split + a central symbol) that no training generator
 draws; ``subject_references`` gives their reference renders and ``dreambench_prompts`` the toy DreamBench prompts.
 """
 from __future__ import annotations
@@ -17,14 +23,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SIZE = 64          # rendered image size (px)
+SIZE = 64          # rendered image size (px) of the shipped (v1) model; world v2's model is trained at V2_SIZE
+V2_SIZE = 128      # 16x16 latents: thin rims, rings and star points survive the 8x-down VAE
 SUPERSAMPLE = 2    # drawn at SIZE*SUPERSAMPLE then box-filtered (anti-aliasing)
 
 CLASSES = ("ball", "cube", "star", "mug", "teddy", "heart")
-COLORS = {
+# the palette (the order matters: it seeds the held-out subjects); world v2 uses all 11 for bodies, splits, symbols
+PALETTE = {
     "red": (210, 40, 40), "blue": (40, 80, 215), "green": (40, 165, 60),
     "yellow": (240, 205, 35), "purple": (145, 60, 185), "orange": (245, 135, 25),
+    "pink": (245, 130, 190), "cyan": (40, 200, 215), "white": (245, 245, 245),
+    "black": (25, 25, 25), "brown": (120, 70, 35),
 }
+COLORS = PALETTE
 PATTERNS = ("plain", "striped", "dotted", "checkered")
 BACKGROUNDS = {
     "grass": "on the grass", "beach": "on the beach", "snow": "in the snow",
@@ -33,17 +44,24 @@ BACKGROUNDS = {
 SIZE_WORDS = ("small", "big")
 SCALE_RANGE = (0.42, 0.78)  # subject diameter / image size: large enough that the 8x8 latent holds its shape
 SMALL_BELOW, BIG_ABOVE = 0.54, 0.66
-# emblem colours: a wider palette than the base colours
-EMBLEM_COLORS = dict(COLORS, pink=(245, 130, 190), cyan=(40, 200, 215), white=(245, 245, 245),
-                     black=(25, 25, 25), brown=(120, 70, 35))
+EMBLEM_COLORS = PALETTE
 SPLITS = ("vertical", "horizontal", "diagonal", "quadrants", "rim")
 SYMBOLS = ("cross", "ring", "triangle", "diamond", "bar", "dot")
+NONE = "none"      # an emblem's split / symbol may be absent
+# caption words of the parts (single tokens or fixed pairs: the toy text encoder is a bag of words)
+SPLIT_WORDS = {"vertical": "vertical split", "horizontal": "horizontal split", "diagonal": "diagonal split",
+               "quadrants": "quartered", "rim": "rimmed"}
+# splits whose mirror image (the sampler flips scenes) is the same split with the two colours swapped
+MIRROR_SWAPS = ("vertical", "quadrants")
+# look distribution of the training generators (sample_look)
+P_SPLIT, P_SYMBOL, P_PATTERN = 0.6, 0.6, 0.5
 SUBJECT_TOKEN = "sks"
 
 
 @dataclass(frozen=True)
 class Emblem:
-    """A held-out subject's look: body split in colours a/b, a symbol in colour c at its centre."""
+    """A body split in colours a/b (split ``none``: one colour, b == a) with a symbol in colour c at its centre
+    (symbol ``none``: c == a). Held-out subjects use a real split and symbol in three distinct colours."""
 
     split: str
     a: str
@@ -52,7 +70,12 @@ class Emblem:
     c: str
 
     def describe(self) -> str:
-        return f"{self.a}/{self.b} {self.split} split with a {self.c} {self.symbol}"
+        body = self.a if self.split == NONE else f"{self.a}/{self.b} {self.split} split"
+        return body + ("" if self.symbol == NONE else f" with a {self.c} {self.symbol}")
+
+    def mirrored(self) -> "Emblem":
+        """The emblem as a mirrored render shows it (vertical / quadrant splits swap their colours)."""
+        return dataclasses.replace(self, a=self.b, b=self.a) if self.split in MIRROR_SWAPS else self
 
 
 @dataclass(frozen=True)
@@ -83,70 +106,51 @@ class Subject:
 
 # ---------------------------------------------------------------- captions
 
-def caption(scene: Scene, drop_color=False, drop_pattern=False, drop_size=False, token: str | None = None) -> str:
-    """'a photo of a [size] [colour] [pattern] <class> <background phrase>'; emblem scenes: 'a photo of a [token] <class> ...'."""
+def caption(scene: Scene, drop_color=False, drop_pattern=False, drop_size=False, token: str | None = None,
+            drop_symbol=False) -> str:
+    """'a photo of a [size] [colour] [pattern | split] <class> [with a <symbol>] <background phrase>'.
+
+    The colour is named only when the body has one colour, and the symbol's colour never: the toy text encoder is a
+    bag of words, so 'red blue ring' could not say which part is which. Split and symbol kinds have their own words.
+    Held-out subjects' scenes: 'a photo of a [size] [token] <class> <background phrase>'."""
     words = ["a", "photo", "of", "a"]
     if scene.size_word and not drop_size:
         words.append(scene.size_word)
-    if scene.emblem is not None:
-        if token:
-            words.append(token)
-    else:
+    e = scene.emblem
+    if token:
+        words.append(token)
+    elif e is None:
         if not drop_color:
             words.append(scene.color)
         if scene.pattern != "plain" and not drop_pattern:
             words.append(scene.pattern)
+    else:
+        if e.split == NONE and not drop_color:
+            words.append(e.a)
+        if e.split != NONE and not drop_pattern:
+            words.append(SPLIT_WORDS[e.split])
     words.append(scene.cls)
+    if not token and e is not None and e.symbol != NONE and not drop_symbol:
+        words += ["with", "a", e.symbol]
     return " ".join(words) + " " + BACKGROUNDS[scene.background]
 
 
 def random_caption(scene: Scene, rng: np.random.Generator, p_drop: float = 0.25) -> str:
     """A caption with attribute words dropped at random (so class-only prompts are in distribution)."""
     return caption(scene, drop_color=rng.random() < p_drop, drop_pattern=rng.random() < p_drop,
-                   drop_size=rng.random() < p_drop)
+                   drop_size=rng.random() < p_drop, drop_symbol=rng.random() < p_drop)
 
 
-# ---------------------------------------------------------------- sampling
-
-def sample_scene(rng: np.random.Generator, emblem: Emblem | None = None, cls: str | None = None,
-                 background: str | None = None) -> Scene:
-    return Scene(
-        cls=cls or CLASSES[rng.integers(len(CLASSES))],
-        background=background or list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
-        color=list(COLORS)[rng.integers(len(COLORS))],
-        pattern=PATTERNS[rng.integers(len(PATTERNS))],
-        cx=float(rng.uniform(0.32, 0.68)), cy=float(rng.uniform(0.42, 0.6)),
-        scale=float(rng.uniform(*SCALE_RANGE)), angle=float(rng.uniform(-20, 20)), flip=bool(rng.random() < 0.5),
-        bg_seed=int(rng.integers(2**31)), emblem=emblem)
-
-
-def base_example(seed: int, size: int = SIZE):
-    """One base-training example: (image HxWx3 float32 [0,1], mask HxW float32, caption, scene). Deterministic."""
-    rng = np.random.default_rng([0xBA5E, seed])
-    scene = sample_scene(rng)
-    img, mask = render(scene, size)
-    return img, mask, random_caption(scene, rng), scene
-
+# ---------------------------------------------------------------- looks: what training may draw
 
 def _emblem_ok(e: Emblem) -> bool:
     return len({e.a, e.b, e.c}) == 3
 
 
-def random_emblem(rng: np.random.Generator, exclude_held_out: bool = True) -> Emblem:
-    """A random emblem (for training the instance embedder); never one of the held-out subjects' emblems."""
-    names = list(EMBLEM_COLORS)
-    held = {s.emblem for s in SUBJECTS} if exclude_held_out else set()
-    while True:
-        e = Emblem(SPLITS[rng.integers(len(SPLITS))], names[rng.integers(len(names))], names[rng.integers(len(names))],
-                   SYMBOLS[rng.integers(len(SYMBOLS))], names[rng.integers(len(names))])
-        if _emblem_ok(e) and e not in held:
-            return e
-
-
 def _make_subjects() -> tuple[Subject, ...]:
     rng = np.random.default_rng(0x5B1EC7)
     out, seen = [], set()
-    names = list(EMBLEM_COLORS)
+    names = list(PALETTE)
     i = 0
     while len(out) < 12:
         cls = CLASSES[i % len(CLASSES)]
@@ -162,15 +166,102 @@ def _make_subjects() -> tuple[Subject, ...]:
 
 SUBJECTS: tuple[Subject, ...] = _make_subjects()   # 12 held-out subjects, 2 per class
 
+# Every emblem a training image could show a held-out subject's look with: its own and its mirror image (the
+# sampler flips scenes; all symbols are mirror-symmetric). Excluded on every class, not only the subject's own.
+HELD_OUT_EMBLEMS = frozenset(f for s in SUBJECTS for f in (s.emblem, s.emblem.mirrored()))
+
+
+def admissible(emblem: Emblem | None) -> bool:
+    """May a training generator draw this look? Everything but the held-out subjects' emblems."""
+    return emblem is None or emblem not in HELD_OUT_EMBLEMS
+
+
+def _draw_look(rng: np.random.Generator):
+    """One raw draw from the look distribution: (colour, pattern, emblem or None); may hit a held-out emblem."""
+    names = list(PALETTE)
+    split = SPLITS[rng.integers(len(SPLITS))] if rng.random() < P_SPLIT else NONE
+    symbol = SYMBOLS[rng.integers(len(SYMBOLS))] if rng.random() < P_SYMBOL else NONE
+    a = names[rng.integers(len(names))]
+    b = a if split == NONE else [n for n in names if n != a][rng.integers(len(names) - 1)]
+    c = a if symbol == NONE else [n for n in names if n not in (a, b)][rng.integers(len(names) - len({a, b}))]
+    if split == NONE and symbol == NONE:      # a one-colour body, plain or patterned (white secondary colour)
+        pattern = "plain" if a == "white" or rng.random() >= P_PATTERN else PATTERNS[1 + rng.integers(len(PATTERNS) - 1)]
+        return a, pattern, None
+    return a, "plain", Emblem(split, a, b, symbol, c)
+
+
+def sample_look(rng: np.random.Generator):
+    """The one sampler of training looks (base, VAE and scorer data): (colour, pattern, emblem or None), never a
+    held-out subject's emblem (rerolled; the test enumerates ``_draw_look``'s whole support through ``admissible``)."""
+    while True:
+        look = _draw_look(rng)
+        if admissible(look[2]):
+            return look
+
+
+def look_space():
+    """Every look ``_draw_look`` can return (its support): for the tests."""
+    names = list(PALETTE)
+    for a in names:
+        yield a, "plain", None
+        if a != "white":
+            for pat in PATTERNS[1:]:
+                yield a, pat, None
+        for split in (NONE,) + SPLITS:
+            for b in ([a] if split == NONE else [n for n in names if n != a]):
+                for symbol in (NONE,) + SYMBOLS:
+                    if split == NONE and symbol == NONE:
+                        continue
+                    for c in ([a] if symbol == NONE else [n for n in names if n not in (a, b)]):
+                        yield a, "plain", Emblem(split, a, b, symbol, c)
+
+
+# ---------------------------------------------------------------- sampling
+
+def sample_scene(rng: np.random.Generator, cls: str | None = None, background: str | None = None,
+                 look=None) -> Scene:
+    """A random scene. Its look comes from ``sample_look`` unless ``look`` = (colour, pattern, emblem) is given
+    (held-out subjects' scenes, restaging an instance)."""
+    cls = cls or CLASSES[rng.integers(len(CLASSES))]
+    background = background or list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    if look is None:
+        color, pattern, emblem = sample_look(rng)
+    else:   # two draws world v1 spent on colour and pattern: held-out subjects' renders stay those of world v1
+        color, pattern, emblem = look
+        rng.integers(6), rng.integers(4)
+    return Scene(
+        cls=cls, background=background, color=color, pattern=pattern,
+        cx=float(rng.uniform(0.32, 0.68)), cy=float(rng.uniform(0.42, 0.6)),
+        scale=float(rng.uniform(*SCALE_RANGE)), angle=float(rng.uniform(-20, 20)), flip=bool(rng.random() < 0.5),
+        bg_seed=int(rng.integers(2**31)), emblem=emblem)
+
+
+def base_scene(seed: int):
+    """The scene of base-training example ``seed``, and the generator that then draws its caption."""
+    rng = np.random.default_rng([0xBA5E, seed])
+    return sample_scene(rng), rng
+
+
+def base_example(seed: int, size: int = SIZE):
+    """One base-training example: (image HxWx3 float32 [0,1], mask HxW float32, caption, scene). Deterministic."""
+    scene, rng = base_scene(seed)
+    img, mask = render(scene, size)
+    return img, mask, random_caption(scene, rng), scene
+
+
+def training_scenes(rng: np.random.Generator, n: int) -> list[Scene]:
+    """n random training scenes (VAE, scorers): the same look distribution as base training."""
+    return [sample_scene(rng) for _ in range(n)]
+
 
 def restage(scene: Scene, rng: np.random.Generator, background: str | None = None) -> Scene:
     """The same instance (class, colour, pattern, emblem) at a new position/scale/rotation on a new background."""
-    new = sample_scene(rng, emblem=scene.emblem, cls=scene.cls, background=background)
-    return dataclasses.replace(new, color=scene.color, pattern=scene.pattern)
+    return sample_scene(rng, cls=scene.cls, background=background, look=(scene.color, scene.pattern, scene.emblem))
 
 
 def subject_scene(subject: Subject, rng: np.random.Generator, background: str | None = None) -> Scene:
-    return sample_scene(rng, emblem=subject.emblem, cls=subject.cls, background=background)
+    return sample_scene(rng, cls=subject.cls, background=background,
+                        look=(subject.emblem.a, "plain", subject.emblem))
 
 
 def subject_references(subject: Subject, n: int = 4, size: int = SIZE):
@@ -203,6 +294,22 @@ def dreambench_prompts(subject: Subject) -> list[dict]:
                     "class_prompt": f"{pre}{subject.cls} {BACKGROUNDS[bg]}",
                     "cls": subject.cls, "background": bg})
     return out
+
+
+def prompt_renders(subject: Subject, seeds: int, size: int = SIZE) -> np.ndarray:
+    """The subject drawn as each of its 10 benchmark prompts asks, ``seeds`` times each (the benchmark's ceiling row
+    and the VAE round-trip set): (10 * seeds, size, size, 3)."""
+    out = []
+    for k, p in enumerate(dreambench_prompts(subject)):
+        for s in range(seeds):
+            rng = np.random.default_rng([0xCE1, SUBJECTS.index(subject), k, s])
+            sc = subject_scene(subject, rng, background=p["background"])
+            word = "small" if "small" in p["prompt"] else "big" if " big " in p["prompt"] else ""
+            if word:   # the middle of the size word's range
+                lo, hi = SCALE_RANGE
+                sc = dataclasses.replace(sc, scale=(lo + SMALL_BELOW) / 2 if word == "small" else (BIG_ABOVE + hi) / 2)
+            out.append(render(sc, size)[0])
+    return np.stack(out)
 
 
 # ---------------------------------------------------------------- drawing
@@ -349,7 +456,7 @@ def _emblem(e: Emblem, u, v):
     """Colour map (H, W, 3) of an emblem in local coordinates."""
     a, b, c = _rgb(e.a), _rgb(e.b), _rgb(e.c)
     side = {"vertical": u < 0, "horizontal": v < 0, "diagonal": u + v < 0, "quadrants": (u < 0) ^ (v < 0),
-            "rim": u ** 2 + v ** 2 > 0.62 ** 2}[e.split]
+            "rim": u ** 2 + v ** 2 > 0.62 ** 2, NONE: np.ones_like(u, bool)}[e.split]
     col = np.where(side[..., None], a, b)
     r = np.sqrt(u ** 2 + v ** 2)
     sym = {"cross": ((np.abs(u) < 0.1) | (np.abs(v) < 0.1)) & (np.abs(u) < 0.42) & (np.abs(v) < 0.42),
@@ -357,7 +464,7 @@ def _emblem(e: Emblem, u, v):
            "triangle": (v < 0.28) & (v > -0.4 + 1.9 * np.abs(u) * 0.9),
            "diamond": np.abs(u) + np.abs(v) < 0.38,
            "bar": (np.abs(v) < 0.12) & (np.abs(u) < 0.55),
-           "dot": r < 0.26}[e.symbol]
+           "dot": r < 0.26, NONE: np.zeros_like(u, bool)}[e.symbol]
     return np.where(sym[..., None], c, col)
 
 
