@@ -7,14 +7,13 @@ same toy model in the same run:
 Variants, each adding to the previous one: plain -> + DreamBooth LoRA (stock LoraLoader) -> + Subject-Diffusion
 (Expand + Location Mask Concat + Adapter) -> + BootPIG RSA -> + Pick-and-Draw appearance + layout (the whole graph);
 plus BootPIG's three-branch guider instead of the KSampler's CFG. Prints the median seconds per sampling run over
---repeats interleaved rounds after a warm-up, the ratio to plain, and the peak GPU memory (of all variants).
+--repeats runs after a warm-up, the ratio to plain, and the peak GPU memory (of all variants).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import time
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "benchmarks"
 
-from benchmarks.common import add_sampling_args, device  # noqa: E402
+from benchmarks.common import add_sampling_args, device, timed  # noqa: E402
 
 PROMPT = "a photo of a sks ball on the beach"
 BOX = "8, 8, 48, 48"
@@ -125,28 +124,12 @@ def main(argv=None):
     runs.append(("all four, three-branch guider", sampler(tb)))
     tb_rsa = run_node(B.BootPIGThreeBranchGuider, model=rsa_model, positive=pos, negative=neg)[0]
     runs.insert(4, ("+ BootPIG RSA, three-branch guider", sampler(tb_rsa)))
-    # interleaved rounds (every variant once per round, medians over rounds): on a shared machine whose load drifts,
-    # each ratio compares runs made at nearly the same time
-    times = {name: [] for name, _ in runs}
-
-    def once(run):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        run()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    for name, run in runs:      # warm-up
-        run()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(a.repeats):
-        for name, run in runs:
-            times[name].append(once(run))
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
-    peaks = {name: peak for name, _ in runs}
+    # one variant after the other (warm-up, then --repeats timed runs): interleaving would make ComfyUI re-patch the
+    # LoRA into the shared weights at every switch between models, which a real run of one graph never does
+    times, peaks = {}, {}
+    for name, run in runs:
+        sec, peaks[name] = timed(run, a.repeats, cuda)
+        times[name] = [sec]
     for name, _ in runs:
         sec = statistics.median(times[name])
         base = base or sec
