@@ -381,6 +381,7 @@ def train_unet(cfg, a, stop, dev):
         unet.out[-1].weight.zero_()
         unet.out[-1].bias.zero_()
     unet.to(dev)
+    unet.requires_grad_(True)   # current ComfyUI's BaseModel freezes its diffusion model when it builds it
     acp = _alphas_cumprod(bm)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=0.0)
     ema_sd = {k: v.detach().clone() for k, v in unet.state_dict().items()}   # EMA of the weights: what is saved
