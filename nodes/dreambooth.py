@@ -37,8 +37,8 @@ import torch
 from . import introspect, lora
 from .trainable import out_of_place_clip
 from .errors import InputError, require
-from .training_engine import (TRAINING_DTYPES, fingerprint, sanitize_save_name, save_file,  # noqa: F401
-                              save_path_for)
+from .training_engine import (TRAINING_DTYPES, fingerprint, optimizer_description, sanitize_save_name,  # noqa: F401
+                              save_file, save_path_for)
 from .validation import check_image
 from .weights_io import load as load_safetensors
 
@@ -589,7 +589,7 @@ def training_metadata(cfg: TrainConfig, family: str, world: int, name: str, resu
         "ss_num_reg_images": str(cfg.num_class_images if cfg.prior_loss_weight > 0 else 0),
         "ss_mixed_precision": cfg.training_dtype,
         "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
-        "ss_optimizer": f"torch.optim.AdamW(weight_decay={cfg.weight_decay},betas=(0.9, 0.999),eps=1e-08)",
+        "ss_optimizer": optimizer_description(engine_config(cfg)),  # the engine builds the one optimizer
         "ss_max_grad_norm": str(cfg.max_grad_norm),
         "ss_lr_scheduler": "constant",
         "modelspec.sai_model_spec": "1.0.0",

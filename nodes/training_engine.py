@@ -370,6 +370,11 @@ def _param_list(groups: list[ParamGroup]) -> list:
     return [p for g in groups for p in g.params]
 
 
+def optimizer_description(cfg: EngineConfig) -> str:
+    """What ``_make_optimizer`` builds, in the form kohya's ``ss_optimizer`` metadata writes it."""
+    return f"torch.optim.AdamW(weight_decay={cfg.weight_decay},betas={tuple(cfg.betas)},eps={cfg.eps:.0e})"
+
+
 def _make_optimizer(groups: list[ParamGroup], cfg: EngineConfig, device):
     pg = [{"params": list(g.params), "lr": float(g.lr),
            "weight_decay": cfg.weight_decay if g.weight_decay is None else float(g.weight_decay)} for g in groups]
