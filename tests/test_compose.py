@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from helpers import run_node
+from helpers import run_api, run_node
 
 import syncguard
 from personalize import bootpig_nodes as B
@@ -381,28 +381,16 @@ def test_the_four_technique_example_workflow_runs_on_the_toy_model(kit):
     toy = tw_model.load() if trained else tw_model.load_random(seed=0)
     assert save_lora(toy[0], Path(loras) / lora_name) > 0
     folder_paths.filename_list_cache.pop("loras", None)
-    done, saved, pending = {}, [], dict(api)
-    while pending:
-        for nid, node in list(pending.items()):
-            ins = node["inputs"]
-            if any(isinstance(v, list) and str(v[0]) not in done for v in ins.values()):
-                continue
-            args = {k: (done[str(v[0])][v[1]] if isinstance(v, list) else v) for k, v in ins.items()}
-            ct = node["class_type"]
-            if ct == "SaveImage":
-                saved.append(args["images"])
-                done[nid] = ()
-            elif ct == "CLIPVisionLoader":
-                done[nid] = (kit["clip_vision"],)
-            else:
-                if ct == "KSampler":
-                    args["steps"] = 4
-                if ct == "PersonalizeToyWorldLoader" and not trained:
-                    args["source"] = "random (untrained)"
-                cls = classes[ct]
-                it = cls.INPUT_TYPES()
-                args = {k: v for k, v in args.items() if k in {**it.get("required", {}), **it.get("optional", {})}}
-                done[nid] = run_node(cls, **args)
-            del pending[nid]
+
+    def override(ct, args):
+        if ct == "CLIPVisionLoader":
+            return (kit["clip_vision"],)
+        if ct == "KSampler":
+            args["steps"] = 4
+        if ct == "PersonalizeToyWorldLoader" and not trained:
+            args["source"] = "random (untrained)"
+        return None
+
+    saved = run_api(api, classes, override)
     assert len(saved) == 1 and saved[0].shape == (2, 64, 64, 3) and torch.isfinite(saved[0]).all()
     assert G.LAST_RUN_LOG, "Pick-and-Draw guided no step"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import run_node, sample
+from helpers import run_api, run_node, sample
 
 from personalize import toy_world_nodes
 from personalize.nodes import introspect
@@ -332,24 +332,11 @@ def _object_info(class_type):
 
 def _run_api(api):
     """Execute an API-format prompt in-process, node by node (SaveImage: returns its images instead of writing)."""
-    done, saved = {}, []
-    pending = dict(api)
-    while pending:
-        for nid, node in list(pending.items()):
-            ins = node["inputs"]
-            if any(isinstance(v, list) and str(v[0]) not in done for v in ins.values()):
-                continue
-            args = {k: (done[str(v[0])][v[1]] if isinstance(v, list) else v) for k, v in ins.items()}
-            if node["class_type"] == "SaveImage":
-                saved.append(args["images"])
-                done[nid] = ()
-            else:
-                _, cls = _object_info(node["class_type"])
-                args = {k: v for k, v in args.items() if k in {**cls.INPUT_TYPES().get("required", {}),
-                                                               **cls.INPUT_TYPES().get("optional", {})}}
-                done[nid] = run_node(cls, **args)
-            del pending[nid]
-    return saved
+    import nodes
+
+    import personalize
+
+    return run_api(api, {**nodes.NODE_CLASS_MAPPINGS, **personalize.NODE_CLASS_MAPPINGS})
 
 
 @pytest.mark.parametrize("name", ["toyworld_txt2img.json", "toyworld_bootpig.json"])
