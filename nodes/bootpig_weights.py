@@ -29,13 +29,27 @@ def attn1_keys(unet_state_keys) -> list[str]:
     return [k for k in unet_state_keys if ".attn1." in k]
 
 
-def save(path: str, ref_unet: dict, base_attn1: dict, family: str) -> str:
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def save(path: str, ref_unet: dict, base_attn1: dict, family: str, metadata: dict | None = None,
+         dtype: str = "fp32") -> str:
+    """Write the pack's BootPIG file (atomically, refusing non-finite weights); floating tensors stored as
+    ``dtype``."""
     if family not in FAMILY_NAMES:
         raise ValueError(f"family must be one of {sorted(FAMILY_NAMES)}, got {family!r}")
-    tensors = {REF + k: v for k, v in ref_unet.items()}
-    tensors.update({ATTN1 + k: v for k, v in base_attn1.items()})
-    return weights_io.save_atomic(tensors, path, {"personalize.format": FORMAT, "personalize.format_version": VERSION,
-                                                  "personalize.family": family})
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(SAVE_DTYPES)}, got {dtype!r}")
+    want = SAVE_DTYPES[dtype]
+
+    def cast(v):
+        return v.to(want) if v.is_floating_point() else v
+
+    tensors = {REF + k: cast(v) for k, v in ref_unet.items()}
+    tensors.update({ATTN1 + k: cast(v) for k, v in base_attn1.items()})
+    meta = dict(metadata or {})
+    meta.update({"personalize.format": FORMAT, "personalize.format_version": VERSION, "personalize.family": family})
+    return weights_io.save_atomic(tensors, path, meta)
 
 
 def _diffusers_file(folder: str) -> str:

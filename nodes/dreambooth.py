@@ -36,6 +36,7 @@ import torch
 
 from . import introspect, lora
 from .trainable import out_of_place_clip
+from .images import prepare_pixels  # noqa: F401  (re-exported: the CLI and tests use dreambooth.prepare_pixels)
 from .errors import InputError, require
 from .training_engine import (TRAINING_DTYPES, fingerprint, optimizer_description, sanitize_save_name,  # noqa: F401
                               save_file, save_path_for)
@@ -126,18 +127,6 @@ def as_image_list(images, input_name: str = "instance_images") -> list[torch.Ten
                 input_name, "images [H, W, 3] of at least 8x8 pixels", tuple(getattr(im, "shape", ())))
         check_image(im, input_name)  # finite, 0..1: before any encoding or training (CLI runs too)
     return images
-
-
-def prepare_pixels(images: Sequence[torch.Tensor], resolution: int) -> torch.Tensor:
-    """Center crop to square and resize (area) to resolution: [N, res, res, 3]."""
-    import comfy.utils
-
-    out = []
-    for im in images:
-        x = im[..., :3].float().movedim(-1, 0).unsqueeze(0)
-        x = comfy.utils.common_upscale(x, resolution, resolution, "area", "center")
-        out.append(x.squeeze(0).movedim(0, -1).clamp(0, 1))
-    return torch.stack(out)
 
 
 def validate_config(cfg: TrainConfig) -> None:

@@ -81,3 +81,15 @@ def fit_latent(latent: torch.Tensor, h: int, w: int, fill: torch.Tensor) -> torc
     top, left = (h - m) // 2, (w - m) // 2
     out[:, :, top:top + m, left:left + m] = small
     return out
+
+
+def prepare_pixels(images, resolution: int) -> torch.Tensor:
+    """Center crop to square and resize (area) to resolution: [N, res, res, 3]."""
+    import comfy.utils
+
+    out = []
+    for im in images:
+        x = im[..., :3].float().movedim(-1, 0).unsqueeze(0)
+        x = comfy.utils.common_upscale(x, resolution, resolution, "area", "center")
+        out.append(x.squeeze(0).movedim(0, -1).clamp(0, 1))
+    return torch.stack(out)

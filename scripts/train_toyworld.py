@@ -130,8 +130,17 @@ def save_checkpoint(path, **state):
     log("checkpoint", path, f"step {state['step']}", f"{path.stat().st_size / 1e6:.1f} MB")
 
 
-def load_checkpoint(path, cfg):
+def load_checkpoint(path, cfg, reschedule=False):
+    """The checkpoint at ``path``, refused when its recipe differs from ``cfg``. ``reschedule``: a different
+    ``steps`` only is accepted (the schedule is a function of the step and the total, so the learning rate then
+    continues on the new schedule from the step reached; the run is no longer bit-identical to an uninterrupted one,
+    and the weights' metadata records where the schedule changed)."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
+    if reschedule and ck["cfg"] != cfg and {k for k in set(ck["cfg"]) | set(cfg)
+                                            if ck["cfg"].get(k) != cfg.get(k)} == {"steps"}:
+        log(f"--reschedule: {ck['cfg']['steps']} -> {cfg['steps']} steps from step {ck['step']}")
+        hist = list(ck.get("rescheduled", [])) + [[int(ck["step"]), int(ck["cfg"]["steps"]), int(cfg["steps"])]]
+        ck["cfg"], ck["rescheduled"] = dict(cfg), hist
     if ck["cfg"] != cfg:
         changed = sorted(k for k in set(ck["cfg"]) | set(cfg) if ck["cfg"].get(k) != cfg.get(k))
         raise SystemExit(f"--resume: {path} was written with a different recipe (keys {changed}); "
@@ -342,10 +351,29 @@ def unet_inputs(vae_sd, e):
 
 
 def build_latents(cfg, vae_path, dev):
-    """Latents + per-cell loss weights + scenes of the base renders 0..n_images-1 (deterministic from the seeds)."""
+    """Latents + per-cell loss weights + scenes of the base renders 0..n_images-1 (deterministic from the seeds).
+    Kept in ``<stage dir>/unet.latents.ckpt`` (git-ignored) keyed by the VAE file and the data recipe, so a resumed
+    run does not render and encode the set again (about 15 minutes on the 2-core CPU)."""
+    import hashlib
+
     from safetensors.torch import load_file
 
-    vae_sd = load_file(str(vae_path))
+    key = {"vae": hashlib.sha256(Path(vae_path).read_bytes()).hexdigest()[:16],
+           **{k: cfg[k] for k in ("size", "n_images", "subject_weight")}}
+    cache = Path(vae_path).parent / "unet.latents.ckpt"
+    if cache.is_file():
+        hit = torch.load(cache, map_location="cpu", weights_only=False)
+        if hit.get("key") == key:
+            log("latents from", cache)
+            return hit["lat"], hit["wts"], hit["scenes"]
+    lat, wts, caps_scenes = _render_latents(cfg, load_file(str(vae_path)), dev)
+    tmp = cache.parent / f".{cache.name}.partial"
+    torch.save({"key": key, "lat": lat, "wts": wts, "scenes": caps_scenes}, tmp)
+    os.replace(tmp, cache)
+    return lat, wts, caps_scenes
+
+
+def _render_latents(cfg, vae_sd, dev):
     enc = tw_model.new_taesd()
     enc.load_state_dict({k: v.float() for k, v in vae_sd.items()})
     enc.to(dev).eval()
@@ -385,9 +413,10 @@ def train_unet(cfg, a, stop, dev):
     acp = _alphas_cumprod(bm)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg["lr"], weight_decay=0.0)
     ema_sd = {k: v.detach().clone() for k, v in unet.state_dict().items()}   # EMA of the weights: what is saved
-    step, avg = 0, None
+    step, avg, rescheduled = 0, None, []
     if a.resume:
-        ck = load_checkpoint(ckpt_path, cfg)
+        ck = load_checkpoint(ckpt_path, cfg, a.reschedule)
+        rescheduled = ck.get("rescheduled", [])
         unet.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         ema_sd = {k: v.to(dev) for k, v in ck["ema"].items()}
@@ -399,9 +428,11 @@ def train_unet(cfg, a, stop, dev):
 
     def checkpoint(final=False):
         save_checkpoint(ckpt_path, model=unet.state_dict(), opt=opt.state_dict(), ema=ema_sd, step=step, avg=avg,
-                        cfg=cfg, rng=rng_state(rng, dev))
-        save(ema_sd, out / "unet.safetensors", {"stage": "unet", "config": cfg, "steps_done": step,
-                                                "complete": json.dumps(final)})
+                        cfg=cfg, rng=rng_state(rng, dev), rescheduled=rescheduled)
+        meta = {"stage": "unet", "config": cfg, "steps_done": step, "complete": json.dumps(final)}
+        if rescheduled:   # [[at step, old total, new total], ...]
+            meta["rescheduled"] = rescheduled
+        save(ema_sd, out / "unet.safetensors", meta)
 
     unet.train()
     while step < cfg["steps"] and not stop():
@@ -566,6 +597,9 @@ def main(argv=None):
     ap.add_argument("--stop-after", type=int, default=None,
                     help="stop after this many steps of this run (checkpoint saved), as a time limit would")
     ap.add_argument("--resume", action="store_true", help="continue exactly from <out>/<stage>.ckpt")
+    ap.add_argument("--reschedule", action="store_true",
+                    help="with --resume and --steps: continue a checkpoint written with another step count on the "
+                         "new schedule (recorded in the weights' metadata)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe entry (JSON value), e.g. --set batch=8 --set init=")
     ap.add_argument("--out", default=str(STAGING_DIR), help="where weights and checkpoints go")
