@@ -143,6 +143,12 @@ class BootPIGRSAPatch:
                                           "tooltip": "three_branch: image guidance scale (paper: 5.0)."}),
                 "text_scale": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1,
                                          "tooltip": "three_branch: text guidance scale (paper: 7.5)."}),
+                "reference_on_uncond": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "cfg guidance: the negative-prompt rows read the reference too. Off (the paper's "
+                               "CFG), the reference's pull is multiplied by the cfg scale, which can flood the frame "
+                               "with the reference's colours; on, CFG only adds the prompt. Equals three-branch "
+                               "guidance with image_scale 1. Ignored by three-branch guidance."}),
             },
         }
 
@@ -153,7 +159,7 @@ class BootPIGRSAPatch:
 
     def patch(self, model, reference, ref_scale=1.1, strength=1.0, start_percent=0.0, end_percent=1.0,
               pooling="softmax", reference_features="per_step", guidance="cfg", once_percent=0.5, image_scale=5.0,
-              text_scale=7.5):
+              text_scale=7.5, reference_on_uncond=False):
         require(isinstance(reference, ReferenceSet), "reference", "a BOOTPIG_REFERENCE from BootPIG Reference UNet "
                 "Encoder", type(reference).__name__)
         fam = introspect.family(model, "model")
@@ -176,7 +182,7 @@ class BootPIGRSAPatch:
                                sigma_start=float(ms.percent_to_sigma(start_percent)),
                                sigma_end=float(ms.percent_to_sigma(end_percent)), pooling=pooling,
                                features=reference_features, once_sigma=float(ms.percent_to_sigma(once_percent)),
-                               batched=shared)
+                               batched=shared, uncond_reference=bool(reference_on_uncond))
         if guidance == "three_branch":
             return (apply_rsa(model, reference, settings, image_scale, text_scale),)
         return (apply_rsa(model, reference, settings),)
@@ -276,15 +282,134 @@ class BootPIGLoader:
         return bootpig_weights.apply(model, ref_sd, attn1_sd)
 
 
+TRAIN_PARTS = {"reference UNet + RSA": (True, True), "RSA only": (False, True), "reference UNet only": (True, False)}
+
+
+def _bootpig_dir() -> str:
+    import folder_paths
+
+    return folder_paths.get_folder_paths("bootpig")[0]
+
+
+class BootPIGTrainerNode:
+    DESCRIPTION = ("Trains BootPIG on a bootstrap dataset (BootPIG Bootstrap Dataset, or a folder of your own "
+                   "target / reference / caption triplets): the whole reference UNet and the base UNet's "
+                   "self-attention (attn1) layers, with the paper's recipe (reference noised at the target's "
+                   "timestep, reference and caption dropout 0.15, ref_scale 1.1, AdamW, clipping 1.0, 200 warm-up "
+                   "steps). Saves the pack's BootPIG weights into models/bootpig for the BootPIG Loader and returns "
+                   "the trained base and reference models. Cancel stops it; rerunning with the same save name "
+                   "resumes from the last checkpoint.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from .nodes.training_engine import TRAINING_DTYPES
+
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The checkpoint's model (SD1.5, SD2.x or SDXL): both UNets start from "
+                                               "it. It is not modified: training runs on copies."}),
+                "clip": ("CLIP", {"tooltip": "The checkpoint's text encoder (frozen): encodes the captions."}),
+                "vae": ("VAE", {"tooltip": "The checkpoint's VAE (frozen): encodes targets and references."}),
+                "dataset": ("STRING", {"default": "bootpig_dataset",
+                                       "tooltip": "A dataset in output/bootpig_datasets/ (link BootPIG Bootstrap "
+                                                  "Dataset's output here), or an absolute folder path."}),
+                "steps": ("INT", {"default": 1000, "min": 1, "max": 1000000,
+                                  "tooltip": "Optimizer steps (paper: 10k at a global batch of 64)."}),
+                "batch_size": ("INT", {"default": 4, "min": 1, "max": 256,
+                                       "tooltip": "Triplets per step (per process under torchrun)."}),
+                "train": (list(TRAIN_PARTS), {"default": "reference UNet + RSA",
+                                              "tooltip": "What trains: both (paper), or one part for the paper's "
+                                                         "ablation."}),
+                "reference_unet_lr": ("FLOAT", {"default": 5e-6, "min": 0.0, "max": 1.0, "step": 1e-7,
+                                                "round": False,
+                                                "tooltip": "Learning rate of the reference UNet (paper: 5e-6)."}),
+                "rsa_lr": ("FLOAT", {"default": 1e-6, "min": 0.0, "max": 1.0, "step": 1e-7, "round": False,
+                                     "tooltip": "Learning rate of the base UNet's attn1 layers (paper: 1e-6; the "
+                                                "official config 1e-7)."}),
+                "save_name": ("STRING", {"default": "bootpig_trained",
+                                         "tooltip": "File name in models/bootpig (.safetensors added). Also names "
+                                                    "the resume checkpoint."}),
+            },
+            "optional": {
+                "ref_scale": ("FLOAT", {"default": 1.1, "min": 0.0, "max": 5.0, "step": 0.01,
+                                        "tooltip": "Key scale of the reference tokens in training (official: 1.1); "
+                                                   "use the same value in the RSA Patch."}),
+                "reference_dropout": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 0.99, "step": 0.01,
+                                                "tooltip": "Probability that a whole batch trains without references "
+                                                           "(plain self-attention; paper 0.15)."}),
+                "caption_dropout": ("FLOAT", {"default": 0.15, "min": 0.0, "max": 0.99, "step": 0.01,
+                                              "tooltip": "Probability that a target's caption is emptied (paper "
+                                                         "0.15): classifier-free guidance keeps working."}),
+                "augment": ("BOOLEAN", {"default": True,
+                                        "tooltip": "Reference augmentations: foreground resize and position, flip, "
+                                                   "colour jitter (p 0.1), random erasing (p 0.4)."}),
+                "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
+                                       "tooltip": "Training size; 0 = the dataset's own image size."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Seed of the batches, noise, dropout and augmentations."}),
+                "warmup_steps": ("INT", {"default": 200, "min": 0, "max": 100000,
+                                         "tooltip": "Linear warm-up steps, then a constant rate (official)."}),
+                "checkpoint_every": ("INT", {"default": 100, "min": 0, "max": 100000,
+                                             "tooltip": "Write a resume checkpoint every N steps (0 = only on "
+                                                        "cancel)."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
+                "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from save_name's last checkpoint."}),
+                "training_dtype": (list(TRAINING_DTYPES), {"default": "auto",
+                                                           "tooltip": "auto: fp32 on CPU, bf16 autocast on GPUs."}),
+                "save_dtype": (["fp16", "bf16", "fp32"], {"default": "fp16",
+                                                          "tooltip": "Precision of the saved weights."}),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL", "MODEL", "STRING", "IMAGE")
+    RETURN_NAMES = ("base_model", "reference_model", "bootpig_name", "loss_curve")
+    OUTPUT_TOOLTIPS = ("Base model with the trained attn1 weights: connect to BootPIG RSA Patch.",
+                       "Trained reference UNet: connect to BootPIG Reference UNet Encoder.",
+                       "The saved file's name in models/bootpig, for BootPIG Loader.",
+                       "Loss per step.")
+    FUNCTION = "train"
+    CATEGORY = CATEGORY
+
+    def train(self, model, clip, vae, dataset, steps=1000, batch_size=4, train="reference UNet + RSA",
+              reference_unet_lr=5e-6, rsa_lr=1e-6, save_name="bootpig_trained", ref_scale=1.1,
+              reference_dropout=0.15, caption_dropout=0.15, augment=True, resolution=0, seed=0, warmup_steps=200,
+              checkpoint_every=100, overwrite=False, resume=True, training_dtype="auto", save_dtype="fp16"):
+        import comfy.model_management
+
+        from .nodes import bootpig_data, bootpig_training, training_engine
+        from .nodes.training_engine import loss_curve_image
+
+        require(train in TRAIN_PARTS, "train", f"one of {list(TRAIN_PARTS)}", train)
+        ref_on, rsa_on = TRAIN_PARTS[train]
+        cfg = bootpig_training.BootPIGConfig(
+            steps=int(steps), batch_size=int(batch_size), reference_unet_lr=float(reference_unet_lr),
+            rsa_lr=float(rsa_lr), train_reference_unet=ref_on, train_rsa=rsa_on, ref_scale=float(ref_scale),
+            reference_dropout=float(reference_dropout), caption_dropout=float(caption_dropout), augment=bool(augment),
+            warmup_steps=int(warmup_steps), resolution=int(resolution), seed=int(seed),
+            training_dtype=training_dtype, checkpoint_every=int(checkpoint_every), save_dtype=save_dtype)
+        bootpig_training.validate_config(cfg)
+        folder = bootpig_data.dataset_dir(dataset, "dataset")
+        name = training_engine.sanitize_save_name(save_name)
+        path = training_engine.save_path_for(_bootpig_dir(), name, bool(overwrite))
+        result = bootpig_training.train(model, clip, vae, folder, cfg, path, overwrite=bool(overwrite),
+                                        resume=bool(resume),
+                                        check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+        base, ref = bootpig_weights.apply(model, result.reference_unet, result.base_attn1)
+        curve = loss_curve_image([(s, {"loss": v}) for s, v in result.losses], ["loss"])
+        return (base, ref, name + ".safetensors", curve)
+
+
 NODE_CLASS_MAPPINGS = {
     "PersonalizeBootPIGReferenceEncoder": BootPIGReferenceEncoder,
     "PersonalizeBootPIGRSAPatch": BootPIGRSAPatch,
     "PersonalizeBootPIGLoader": BootPIGLoader,
     "PersonalizeBootPIGThreeBranchGuider": BootPIGThreeBranchGuider,
+    "PersonalizeBootPIGTrainer": BootPIGTrainerNode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "PersonalizeBootPIGReferenceEncoder": "BootPIG Reference UNet Encoder",
     "PersonalizeBootPIGRSAPatch": "BootPIG RSA Patch",
     "PersonalizeBootPIGLoader": "BootPIG Loader",
     "PersonalizeBootPIGThreeBranchGuider": "BootPIG Three-Branch Guider",
+    "PersonalizeBootPIGTrainer": "BootPIG Trainer",
 }

@@ -74,6 +74,7 @@ class RSASettings:
     features: str = "per_step"
     once_sigma: float = 1.0
     batched: bool = True             # the reference encoder shares the base weights: one UNet call for both
+    uncond_reference: bool = False   # under CFG the negative-prompt rows read the reference too (not the paper's)
 
     def active(self, sigma: float) -> bool:
         return self.strength != 0.0 and self.sigma_end <= sigma <= self.sigma_start
@@ -336,7 +337,10 @@ class RSAPatch(PatchValue):
         if per is None:                       # contract broken upstream: treat the call as one conditional chunk
             chunks, per = [0], B
         gen = len(chunks) - R.reference_chunks(transformer_options)
-        use_kinds = tuple(transformer_options.get(R.REFERENCE_KINDS, (0,)))
+        # which chunks read the reference: three-branch guidance says so itself; under plain CFG the conditional
+        # rows, and with uncond_reference the negative-prompt rows too (so that CFG does not multiply the
+        # reference's pull by the guidance scale)
+        use_kinds = tuple(transformer_options.get(R.REFERENCE_KINDS, (0, 1) if s.uncond_reference else (0,)))
         chunk_uses = [i < gen and k in use_kinds for i, k in enumerate(chunks)]
         if not any(chunk_uses):
             return untouched()

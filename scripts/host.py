@@ -67,3 +67,36 @@ def extra_model_paths_yaml(out: Path) -> Path:
         "    loras: loras\n"
     )
     return out
+
+
+def select_gpu() -> None:
+    """One GPU per process under torchrun: expose only LOCAL_RANK's GPU before torch / ComfyUI initialise CUDA."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is None or "WORLD_SIZE" not in os.environ:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else None
+    if ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ids[int(local) % len(ids)]
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = local
+
+
+def load_models(checkpoint: str | None, random_tiny: int | None = None):
+    """(model, clip, vae) of a checkpoint file (or a name in models/checkpoints), or seeded random tiny SD1.5 models
+    (``random_tiny`` = the seed; for tests and smoke runs of the training scripts)."""
+    if random_tiny is not None:
+        from . import models
+
+        seed = random_tiny
+        return (models.build_model("sd15", tiny=True, seed=seed), models.build_clip(tiny=True, seed=seed),
+                models.build_vae(seed=seed))
+    import comfy.sd
+    import folder_paths
+
+    path = checkpoint if os.path.isfile(checkpoint) else folder_paths.get_full_path("checkpoints", checkpoint)
+    if path is None:
+        raise SystemExit(f"error: --checkpoint: no file {checkpoint!r} (nor in models/checkpoints)")
+    out = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
+                                                embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    return out[0], out[1], out[2]

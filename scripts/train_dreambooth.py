@@ -58,39 +58,8 @@ def _config_class():
     return TrainConfig
 
 
-def _select_gpu() -> None:
-    """One GPU per process under torchrun: expose only LOCAL_RANK's GPU before torch / ComfyUI initialise CUDA."""
-    local = os.environ.get("LOCAL_RANK")
-    if local is None or "WORLD_SIZE" not in os.environ:
-        return
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = visible.split(",") if visible else None
-    if ids:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ids[int(local) % len(ids)]
-    else:
-        os.environ["CUDA_VISIBLE_DEVICES"] = local
-
-
-def load_models(a):
-    if a.random_tiny is not None:
-        from . import models
-
-        seed = a.random_tiny
-        return (models.build_model("sd15", tiny=True, seed=seed), models.build_clip(tiny=True, seed=seed),
-                models.build_vae(seed=seed))
-    import comfy.sd
-    import folder_paths
-
-    path = a.checkpoint if os.path.isfile(a.checkpoint) else folder_paths.get_full_path("checkpoints", a.checkpoint)
-    if path is None:
-        raise SystemExit(f"error: --checkpoint: no file {a.checkpoint!r} (nor in models/checkpoints)")
-    out = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
-                                                embedding_directory=folder_paths.get_folder_paths("embeddings"))
-    return out[0], out[1], out[2]
-
-
 def main(argv=None) -> int:
-    _select_gpu()
+    host.select_gpu()
     argv = sys.argv[1:] if argv is None else list(argv)
     host.bootstrap(cpu=True if "--cpu" in argv else None)
     a = parse_args(argv)
@@ -125,7 +94,7 @@ def main(argv=None) -> int:
         dreambooth.validate_config(cfg)
         path = dreambooth.save_path_for(out_dir, a.save_name, a.overwrite)
         images = dreambooth.load_image_dir(a.images, "--images")
-        model, clip, vae = load_models(a)
+        model, clip, vae = host.load_models(a.checkpoint, a.random_tiny)
         t0 = time.time()
         every = max(1, cfg.steps // 20)
 

@@ -549,3 +549,17 @@ def test_the_sync_guard_catches_syncs_and_host_copies():
                 syncguard.guarded(fn, fn.__name__)(sig)
         syncguard.guarded(fine, "fine")(sig)
         assert float(sig[0]) == 3.0          # outside a guarded scope: allowed
+
+
+def test_reference_on_uncond_is_three_branch_guidance_with_image_scale_1(tiny_sd15, vae, refs):
+    """eps_ref,u + s (eps_ref,c - eps_ref,u) = eps_u + 1 (eps_ref,u - eps_u) + s (eps_ref,c - eps_ref,u): CFG whose
+    negative rows read the reference is three-branch guidance at image_scale 1 (one reference prompt for both)."""
+    reference = encode(tiny_sd15, vae, refs[:1], reference_conditioning=models.random_conditioning("sd15", seed=9))
+    c, u = conds("sd15")
+    on = sample(rsa(tiny_sd15, reference, reference_on_uncond=True), c, u, steps=2, cfg=4.0)
+    off = sample(rsa(tiny_sd15, reference), c, u, steps=2, cfg=4.0)
+    tb = sample(rsa(tiny_sd15, reference, guidance="three_branch", image_scale=1.0, text_scale=4.0), c, u, steps=2)
+    assert (on - tb).abs().max().item() < 1e-3 * (1 + on.abs().max().item())
+    assert (on - off).abs().max().item() > 1e-2 * (1 + on.abs().max().item())
+    # the parent model is untouched and the option is per patch
+    assert torch.equal(sample(tiny_sd15, c, u, steps=2, cfg=4.0), sample(tiny_sd15, c, u, steps=2, cfg=4.0))
