@@ -170,3 +170,109 @@ def test_trained_weights_round_trip_through_the_loader_and_reproduce_the_trainer
     tol = 1e-4 * (1 + want.abs().max().item())
     assert (got - want).abs().max().item() < tol
     assert (got - before).abs().max().item() > 100 * tol    # training moved it: the comparison can fail
+
+
+# ------------------------------------------------------------------------------------------ the whole trainer
+def hand_made_dataset(folder, n=3, size=64, seed=0):
+    """A dataset folder as a user would make it by hand: targets, references on white, captions; no masks."""
+    import numpy as np
+    from PIL import Image
+
+    items = folder / "items"
+    items.mkdir(parents=True)
+    g = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray((g.random((size, size, 3)) * 255).astype(np.uint8)).save(items / f"{i:05d}.target.png")
+        ref = np.full((40, 32, 3), 255, np.uint8)
+        ref[8:32, 6:26] = (g.random((24, 20, 3)) * 200).astype(np.uint8)
+        Image.fromarray(ref).save(items / f"{i:05d}.reference.png")
+        (items / f"{i:05d}.txt").write_text(f"a photo of a thing{i}, on a table in the kitchen")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def mods():
+    return models.build_model("sd15", tiny=True, seed=0), models.build_clip(seed=0), models.build_vae(seed=0)
+
+
+def test_killed_and_cancelled_runs_resume_to_the_same_weights(mods, tmp_path):
+    import os
+
+    import comfy.model_management as mm
+
+    m, c, v = mods
+    data = hand_made_dataset(tmp_path / "data")
+    conf = T.BootPIGConfig(steps=5, batch_size=2, checkpoint_every=2, warmup_steps=2, reference_unet_lr=1e-3,
+                           rsa_lr=1e-3, save_dtype="fp32")
+    with torch.inference_mode():
+        full = T.train(m, c, v, data, conf, str(tmp_path / "full.safetensors"))
+    assert full.items == 3 and len(full.losses) == 5
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, total, loss):
+        if step == 3:
+            raise Killed()
+
+    def cancel(step, total, loss):
+        if step == 3:
+            mm.interrupt_current_processing(True)
+
+    for name, hook, exc, resumed_from in (("killed", kill, Killed, 2),
+                                          ("cancelled", cancel, mm.InterruptProcessingException, 3)):
+        path = str(tmp_path / f"{name}.safetensors")
+        with torch.inference_mode(), pytest.raises(exc):
+            T.train(m, c, v, data, conf, path, on_step=hook,
+                    check_interrupt=mm.throw_exception_if_processing_interrupted)
+        mm.interrupt_current_processing(False)
+        assert not os.path.exists(path) and os.path.isfile(engine.checkpoint_path(path))
+        with torch.inference_mode():
+            resumed = T.train(m, c, v, data, conf, path)
+        assert resumed.resumed_from == resumed_from, name
+        assert resumed.losses == full.losses, name
+        for k, a in full.reference_unet.items():
+            assert torch.equal(a, resumed.reference_unet[k]), (name, k)
+        for k, a in full.base_attn1.items():
+            assert torch.equal(a, resumed.base_attn1[k]), (name, k)
+    # the file loads with the Loader's reader and matches what the trainer returned
+    ref, attn1, fam = bootpig_weights.load(str(tmp_path / "full.safetensors"), m)
+    assert fam == "sd15" and all(torch.equal(ref[k], full.reference_unet[k]) for k in ref)
+
+
+def test_trainer_node_saves_into_models_bootpig_and_returns_models(mods, tmp_path):
+    import folder_paths
+    from helpers import run_node
+
+    from personalize import bootpig_nodes as B
+    from personalize.nodes.errors import InputError
+
+    m, c, v = mods
+    data = hand_made_dataset(tmp_path / "data", n=2)
+    folder_paths.add_model_folder_path("bootpig", str(tmp_path / "models_bootpig"), is_default=True)
+    base, refm, name, curve = run_node(B.BootPIGTrainerNode, model=m, clip=c, vae=v, dataset=data, steps=2,
+                                       batch_size=1, save_name="node_trained", checkpoint_every=0)
+    assert name == "node_trained.safetensors" and (tmp_path / "models_bootpig" / name).is_file()
+    assert curve.ndim == 4 and curve.shape[-1] == 3
+    assert base.model is m.model and refm.model is not m.model
+    assert len(base.patches) == len([k for k in m.model.diffusion_model.state_dict() if ".attn1." in k])
+    with pytest.raises(InputError, match="'dataset'"):
+        run_node(B.BootPIGTrainerNode, model=m, clip=c, vae=v, dataset=str(tmp_path / "nowhere"), steps=1,
+                 save_name="x")
+    with pytest.raises(InputError, match="'train'"):
+        run_node(B.BootPIGTrainerNode, model=m, clip=c, vae=v, dataset=data, steps=1, save_name="y", train="all")
+
+
+def test_augment_reference_is_deterministic_and_keeps_white_background():
+    from personalize.nodes.bootpig_data import augment_reference, foreground_box
+
+    ref = torch.ones(40, 30, 3)
+    ref[10:30, 5:25] = torch.tensor([0.8, 0.1, 0.1])
+    outs = [augment_reference(ref, torch.Generator().manual_seed(s), 64) for s in (1, 1, 2, 3, 4, 5, 6, 7)]
+    assert torch.equal(outs[0], outs[1]) and not all(torch.equal(outs[0], o) for o in outs[2:])
+    for o in outs:
+        assert o.shape == (64, 64, 3)
+        t, b, l, r = foreground_box(o)
+        assert (b - t == 64) or (r - l == 64)          # the foreground fills the canvas along one side
+        fg = (o < 0.96).any(-1)
+        assert bool((o[~fg] >= 0.96).all())             # everything else is white (erasing fills white too)
