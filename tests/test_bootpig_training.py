@@ -276,3 +276,47 @@ def test_augment_reference_is_deterministic_and_keeps_white_background():
         assert (b - t == 64) or (r - l == 64)          # the foreground fills the canvas along one side
         fg = (o < 0.96).any(-1)
         assert bool((o[~fg] >= 0.96).all())             # everything else is white (erasing fills white too)
+
+
+def test_torchrun_two_processes_match_one_process_with_accumulation(mods, tmp_path):
+    """2 processes x batch 1 (gloo, ``python -m scripts.train_bootpig`` under torchrun) against 1 process with 2
+    accumulated micro-batches of 1: the same rows (reference dropout drawn once per global batch, caption dropout and
+    augmentations per global row), gradients averaged the same way - equal to float32 rounding."""
+    import subprocess
+    import sys
+
+    from test_dreambooth import REPO, subprocess_env
+
+    from personalize.nodes.weights_io import load
+
+    m, c, v = mods   # --random-tiny 0 builds the same three models
+    data = hand_made_dataset(tmp_path / "data", n=3)
+    common = dict(steps=2, reference_unet_lr=1e-3, rsa_lr=1e-3, warmup_steps=0, checkpoint_every=0,
+                  save_dtype="fp32", caption_dropout=0.5, reference_dropout=0.0)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "scripts.train_bootpig", "--random-tiny", "0", "--dataset", data, "--output-dir", str(tmp_path / "ddp"),
+           "--save-name", "ddp", "--batch-size", "1", "--cpu"]
+    for k, val in common.items():
+        cmd += ["--" + k.replace("_", "-"), str(val)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the child processes (OMP_NUM_THREADS=1): CPU kernels round by thread count
+    try:
+        with torch.inference_mode():
+            acc = T.train(m, c, v, data, T.BootPIGConfig(batch_size=1, grad_accumulation=2, **common),
+                          str(tmp_path / "acc.safetensors"))
+    finally:
+        torch.set_num_threads(threads)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.strip().endswith("ddp.safetensors")
+    ddp, meta = load(str(tmp_path / "ddp" / "ddp.safetensors"))
+    assert meta["personalize.global_batch"] == "2"
+    base = {k: val for k, val in m.model.diffusion_model.state_dict().items()}
+    mine = {**{"ref_unet." + k: val for k, val in acc.reference_unet.items()},
+            **{"base_attn1." + k: val for k, val in acc.base_attn1.items()}}
+    assert set(ddp) == set(mine)
+    moved = max(float((mine["base_attn1." + k] - base[k]).abs().max()) for k in acc.base_attn1)
+    diff = max(float((ddp[k] - mine[k]).abs().max()) for k in mine)
+    assert moved > 1e-4 and diff <= 1e-6, (diff, moved)
