@@ -50,7 +50,7 @@ CONFIG = {
             "latent_noise": 0.1, "reg": 0.01, "subject_weight": 2.0, "calib_images": 256, "seed": 11,
             "init": "weights/toyworld/vae.safetensors", "save_every": 40},
     "unet": {"steps": 6000, "batch": 64, "size": 128, "lr": 1e-3, "lr_end": 5e-5, "warmup": 100, "n_images": 12000,
-             "p_uncond": 0.1, "subject_weight": 3.0, "ema": 0.999, "seed": 12, "save_every": 200},
+             "p_uncond": 0.1, "subject_weight": 3.0, "ema": 0.999, "seed": 12, "save_every": 200, "init": ""},
     "scorers": {"steps": 2000, "batch": 48, "size": 64, "lr": 6e-4, "lr_end": 3e-5, "warmup": 50, "temperature": 0.1,
                 "seed": 13, "save_every": 200},
 }
@@ -408,6 +408,12 @@ def train_unet(cfg, a, stop, dev):
     with torch.no_grad():   # zero-init the output conv: start as a "predict 0" model (stable early training)
         unet.out[-1].weight.zero_()
         unet.out[-1].bias.zero_()
+    if cfg.get("init"):   # continue from saved (EMA) weights with a fresh optimizer: a warm restart, recorded
+        from safetensors.torch import load_file
+
+        init_sd = load_file(str(REPO / cfg["init"]) if not os.path.isabs(cfg["init"]) else cfg["init"])
+        unet.load_state_dict({k: v.float() for k, v in init_sd.items()})
+        log("initialised from", cfg["init"])
     unet.to(dev)
     unet.requires_grad_(True)   # current ComfyUI's BaseModel freezes its diffusion model when it builds it
     acp = _alphas_cumprod(bm)
