@@ -124,10 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
     p.add_argument("--random-tiny", action="store_true", help="smoke test on tiny random models, no files needed")
     a = p.parse_args(argv)
-
-    from .train_dreambooth import _select_gpu
-
-    _select_gpu()
+    host.select_gpu()
     host.bootstrap(cpu=True if a.cpu else None)
     import os
 
