@@ -9,7 +9,8 @@ import os
 
 import torch
 
-from .nodes import bootpig_weights, introspect, paths
+from .nodes import bootpig_weights, introspect, mask_sources, paths
+from .nodes import sam as sam_lib
 from .nodes.errors import InputError, require
 from .nodes.images import as_batch, check_masks, subject_on_white
 from .nodes.validation import nonfinite_text
@@ -252,7 +253,8 @@ class BootPIGLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "The checkpoint the BootPIG weights were trained from (same family)."}),
-            "bootpig_name": (_bootpig_choices(), {"tooltip": "Weights in models/bootpig/."}),
+            "bootpig_name": (_bootpig_choices(), {"tooltip": "Weights in models/bootpig/. Can be linked to BootPIG "
+                                                             "Trainer's bootpig_name output."}),
         }}
 
     RETURN_TYPES = ("MODEL", "MODEL")
@@ -261,6 +263,23 @@ class BootPIGLoader:
                        "Trained reference UNet: connect to BootPIG Reference UNet Encoder.")
     FUNCTION = "load"
     CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, input_types=None, bootpig_name=None):
+        """``bootpig_name`` may also be linked to BootPIG Trainer's ``bootpig_name`` (a STRING): a file that does
+        not exist until the trainer has run, so the host's list check is replaced by this one (and the file is
+        checked when it loads). Declaring ``input_types`` turns off the host's type check of links: done here."""
+        types = input_types or {}
+        if types.get("model", "MODEL") != "MODEL":
+            return f"model: expected a MODEL link, got {types['model']}"
+        if "bootpig_name" in types:
+            t = types["bootpig_name"]
+            return True if (t == "STRING" or isinstance(t, (list, tuple))) else \
+                f"bootpig_name: expected a file name (a STRING, e.g. BootPIG Trainer's bootpig_name), got {t}"
+        if bootpig_name is None or bootpig_name in _bootpig_choices() or (
+                isinstance(bootpig_name, str) and os.path.isabs(bootpig_name) and os.path.exists(bootpig_name)):
+            return True
+        return f"bootpig_name: '{bootpig_name}' is not in models/bootpig/"
 
     def load(self, model, bootpig_name):
         import folder_paths
@@ -399,12 +418,135 @@ class BootPIGTrainerNode:
         return (base, ref, name + ".safetensors", curve)
 
 
+CAPTION_SOURCES = ("built-in", "toy world", "from text")
+
+
+def caption_grammar(captions: str, caption_text: str = ""):
+    """The caption grammar a node's ``captions`` / ``caption_text`` inputs name."""
+    from .nodes.bootpig_data import CaptionGrammar
+
+    require(captions in CAPTION_SOURCES, "captions", f"one of {list(CAPTION_SOURCES)}", repr(captions))
+    if captions == "built-in":
+        return CaptionGrammar.general()
+    if captions == "toy world":
+        from .toyworld.captions import ToyCaptions
+
+        return ToyCaptions()
+    return CaptionGrammar.from_text(caption_text or "", "caption_text")
+
+
+class BootPIGBootstrapNode:
+    DESCRIPTION = ("Makes BootPIG training data from the model itself (paper §3.4): captions 'a photo of a "
+                   "[object], [position] [scene]' from a caption grammar, a target image per caption sampled by "
+                   "the model with ComfyUI's sampling, a subject mask per target from a mask source; targets whose "
+                   "mask touches the border are set aside, and the reference is the foreground on white. Writes a "
+                   "dataset folder in output/bootpig_datasets/ that BootPIG Trainer reads; rerunning continues it "
+                   "(or extends it to a larger count).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import comfy.samplers
+
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The checkpoint's model: it draws the targets (BootPIG trains on the "
+                                               "model's own images)."}),
+                "clip": ("CLIP", {"tooltip": "The checkpoint's text encoder, for the captions."}),
+                "vae": ("VAE", {"tooltip": "The checkpoint's VAE, to decode the targets."}),
+                "mask_source": (mask_sources.TYPE, {"tooltip": "Segments each target: Mask Source (SAM) for real "
+                                                               "checkpoints, Toy World Segmenter for the toy model."}),
+                "dataset": ("STRING", {"default": "bootpig_dataset",
+                                       "tooltip": "Dataset name in output/bootpig_datasets/ (or an absolute "
+                                                  "folder). The same name and settings continue a dataset."}),
+                "count": ("INT", {"default": 1000, "min": 1, "max": 10000000,
+                                  "tooltip": "Targets to sample (kept + set aside; the paper made 200,000)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Seed of the captions; item i is sampled with noise seed seed + i."}),
+                "steps": ("INT", {"default": 25, "min": 1, "max": 10000, "tooltip": "Sampling steps per target."}),
+                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance scale."}),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler"}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "normal"}),
+                "width": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8,
+                                  "tooltip": "Target width (the model's native size is best)."}),
+                "height": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8, "tooltip": "Target height."}),
+                "captions": (list(CAPTION_SOURCES), {"default": "built-in",
+                                                     "tooltip": "built-in: the pack's object / position / scene "
+                                                                "lists; toy world: the toy model's vocabulary; from "
+                                                                "text: caption_text."}),
+            },
+            "optional": {
+                "caption_text": ("STRING", {"multiline": True, "default": "",
+                                            "tooltip": "With captions = from text: one caption per line, or "
+                                                       "sections 'objects:', 'positions:', 'scenes:' with one entry "
+                                                       "per line. # starts a comment."}),
+                "negative": ("STRING", {"default": "", "tooltip": "Negative prompt of every target."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 256,
+                                       "tooltip": "Targets sampled together (faster on a GPU; same noise per item)."}),
+                "border": ("INT", {"default": -1, "min": -1, "max": 4096,
+                                   "tooltip": "A target whose mask comes within this many px of the edge is set "
+                                              "aside. -1 = 25 px at 512 (the released generator), scaled."}),
+                "overwrite": ("BOOLEAN", {"default": False,
+                                          "tooltip": "Start the dataset afresh when its folder was made with other "
+                                                     "settings (otherwise that is an error)."}),
+            },
+        }
+
+    RETURN_TYPES = ("STRING", "INT", "IMAGE")
+    RETURN_NAMES = ("dataset", "kept", "preview")
+    OUTPUT_TOOLTIPS = ("The dataset's name or folder: connect to BootPIG Trainer's dataset.",
+                       "Triplets kept (the rest touched the border or had no mask; see discarded/).",
+                       "Target | mask | reference of the first kept triplets.")
+    FUNCTION = "make"
+    CATEGORY = CATEGORY
+
+    def make(self, model, clip, vae, mask_source, dataset, count=1000, seed=0, steps=25, cfg=7.0,
+             sampler_name="euler", scheduler="normal", width=512, height=512, captions="built-in", caption_text="",
+             negative="", batch_size=1, border=-1, overwrite=False):
+        from .nodes import bootpig_data
+
+        folder = bootpig_data.dataset_dir(dataset, "dataset")
+        grammar = caption_grammar(captions, caption_text)
+        settings = bootpig_data.BootstrapSettings(
+            count=int(count), seed=int(seed), steps=int(steps), cfg=float(cfg), sampler_name=sampler_name,
+            scheduler=scheduler, width=int(width), height=int(height), batch_size=int(batch_size),
+            negative=str(negative), border=int(border))
+        r = bootpig_data.bootstrap(model, clip, vae, mask_source, folder, settings, grammar, overwrite=bool(overwrite))
+        return (dataset, r.kept, r.preview)
+
+
+class MaskSourceSAMNode:
+    DESCRIPTION = ("A mask source over Segment Anything, for BootPIG Bootstrap Dataset: each image's most central "
+                   "automatic mask, holes filled.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "sam_model": (sam_lib.SAM_MODEL, {"tooltip": "From SAM Loader (a checkpoint in models/sams)."}),
+            "points_per_side": ("INT", {"default": 16, "min": 4, "max": 64,
+                                        "tooltip": "Grid of SAM's automatic mask generator (more: finer, slower)."}),
+        }}
+
+    RETURN_TYPES = (mask_sources.TYPE,)
+    RETURN_NAMES = ("mask_source",)
+    OUTPUT_TOOLTIPS = ("Segments images for BootPIG Bootstrap Dataset.",)
+    FUNCTION = "make"
+    CATEGORY = CATEGORY
+
+    def make(self, sam_model, points_per_side=16):
+        require(isinstance(sam_model, sam_lib.sam_class()), "sam_model", "a SAM model from SAM Loader",
+                type(sam_model).__name__)
+        return (mask_sources.SAMMaskSource(sam_model, int(points_per_side)),)
+
+
 NODE_CLASS_MAPPINGS = {
     "PersonalizeBootPIGReferenceEncoder": BootPIGReferenceEncoder,
     "PersonalizeBootPIGRSAPatch": BootPIGRSAPatch,
     "PersonalizeBootPIGLoader": BootPIGLoader,
     "PersonalizeBootPIGThreeBranchGuider": BootPIGThreeBranchGuider,
     "PersonalizeBootPIGTrainer": BootPIGTrainerNode,
+    "PersonalizeBootPIGBootstrap": BootPIGBootstrapNode,
+    "PersonalizeMaskSourceSAM": MaskSourceSAMNode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "PersonalizeBootPIGReferenceEncoder": "BootPIG Reference UNet Encoder",
@@ -412,4 +554,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "PersonalizeBootPIGLoader": "BootPIG Loader",
     "PersonalizeBootPIGThreeBranchGuider": "BootPIG Three-Branch Guider",
     "PersonalizeBootPIGTrainer": "BootPIG Trainer",
+    "PersonalizeBootPIGBootstrap": "BootPIG Bootstrap Dataset",
+    "PersonalizeMaskSourceSAM": "Mask Source (SAM)",
 }

@@ -20,7 +20,7 @@ from .nodes.errors import InputError, require
 
 CATEGORY = "personalize/Subject-Diffusion"
 WEIGHTS = "SUBJECT_DIFFUSION_WEIGHTS"
-SAM_MODEL = "SAM_MODEL"
+SAM_MODEL = sam_lib.SAM_MODEL
 VISION_SIZE = 224
 
 

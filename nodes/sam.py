@@ -20,6 +20,7 @@ import torch
 from .errors import InputError, require
 
 SAM_IMAGE_SIZE = 1024
+SAM_MODEL = "SAM_MODEL"   # the node type of a loaded Segment Anything model
 INSTALL_HINT = "Install it into ComfyUI's Python (`python -m pip install segment-anything`) and restart ComfyUI"
 
 
