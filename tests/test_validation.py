@@ -36,6 +36,7 @@ def valid_objects(tiny_sd15, tmp_path_factory):
     from personalize.nodes import pick_and_draw as G
     from personalize.nodes import location as loc
     from personalize.nodes import sam as sam_lib
+    from personalize.nodes.mask_sources import SAMMaskSource
     from personalize.nodes.reference_attention import ReferenceSet
 
     cfg = tmp_path_factory.mktemp("clipvision") / "config.json"
@@ -63,6 +64,7 @@ def valid_objects(tiny_sd15, tmp_path_factory):
                                           family="sd15", context=None, seed=0),
         "PICK_AND_DRAW_REFERENCE": G.Reference(latent=torch.zeros(1, 4, 8, 8), mask=None, family="sd15"),
         "SUBJECT_DIFFUSION_WEIGHTS": ad.init_weights(expanded, w, t, e, hidden=64, seed=0),
+        "PERSONALIZE_MASK_SOURCE": SAMMaskSource(sam),
     }
 
 
