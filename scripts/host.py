@@ -82,6 +82,28 @@ def select_gpu() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = local
 
 
+def init_distributed(cpu: bool = False, timeout_hours: float = 2.0) -> int:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on the CPU or with ``cpu``) and
+    return this process's rank; alone: 0. The timeout allows for rank 0 sampling (class images) while the others
+    wait at a barrier. Pair with ``end_distributed()`` in a ``finally``."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if (torch.cuda.is_available() and not cpu) else "gloo",
+                                timeout=datetime.timedelta(hours=timeout_hours))
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def end_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def load_models(checkpoint: str | None, random_tiny: int | None = None):
     """(model, clip, vae) of a checkpoint file (or a name in models/checkpoints), or seeded random tiny SD1.5 models
     (``random_tiny`` = the seed; for tests and smoke runs of the training scripts)."""

@@ -63,20 +63,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     host.bootstrap(cpu=True if "--cpu" in argv else None)
     a = parse_args(argv)
-    import torch
-    import torch.distributed as dist
 
     from personalize.nodes import dreambooth
     from personalize.nodes.errors import InputError
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if (torch.cuda.is_available() and not a.cpu) else "gloo"
-        import datetime
-
-        # rank 0 samples the class images while the others wait at a barrier: allow for long sampling runs
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = host.init_distributed(a.cpu)
     try:
         import folder_paths
 
@@ -115,8 +106,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        host.end_distributed()
 
 
 if __name__ == "__main__":

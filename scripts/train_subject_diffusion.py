@@ -126,25 +126,17 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     host.select_gpu()
     host.bootstrap(cpu=True if a.cpu else None)
-    import os
 
-    import torch
-    import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if (torch.cuda.is_available() and not a.cpu) else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = host.init_distributed(a.cpu)
     try:
         return _run(a, p, rank)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        host.end_distributed()
 
 
 def _run(a, p, rank: int) -> int:
     import tempfile
-    import time
 
     import torch  # noqa: F401
 
