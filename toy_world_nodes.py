@@ -6,6 +6,8 @@ KSampler / CLIPTextEncode / VAEDecode and every node of the pack run on it uncha
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -84,11 +86,48 @@ class ToyWorldSubject:
         return imgs, masks, p["prompt"], p["class_prompt"]
 
 
+SEGMENTER_SOURCES = ("trained",)
+
+
+class ToyWorldSegmenter:
+    DESCRIPTION = ("Loads the toy world's mask source: a small U-Net (0.3 M parameters) trained on toy-world renders "
+                   "(never on a held-out subject) and their VAE round trips to segment the subject of a toy-world "
+                   "image. It stands in for SAM where a pipeline (BootPIG's bootstrap data) needs a subject mask for "
+                   "each generated image.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "source": (list(SEGMENTER_SOURCES), {"default": SEGMENTER_SOURCES[0],
+                                                 "tooltip": "'trained' loads the segmenter shipped with the pack "
+                                                            "(weights/toyworld-v2-staging/segmenter.safetensors)."}),
+        }}
+
+    RETURN_TYPES = ("PERSONALIZE_MASK_SOURCE",)
+    RETURN_NAMES = ("mask_source",)
+    OUTPUT_TOOLTIPS = ("A mask source: called on IMAGE tensors [B, H, W, 3] it returns subject masks [B, H, W] in "
+                       "{0, 1} (trained at 128x128; any size works).",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, source="trained"):
+        from .toyworld import segmenter
+
+        require(source in SEGMENTER_SOURCES, "source", f"one of {SEGMENTER_SOURCES}", source)
+        path = tw_model.SEGMENTER_PATH
+        if not os.path.isfile(path):
+            raise InputError("source", f"the toy segmenter's weights at {path}", "missing",
+                             hint="train them with scripts/train_toyworld.py segmenter")
+        return (segmenter.ToySegmenterMaskSource(segmenter.load(path), path),)
+
+
 NODE_CLASS_MAPPINGS = {
     "PersonalizeToyWorldLoader": ToyWorldLoader,
     "PersonalizeToyWorldSubject": ToyWorldSubject,
+    "PersonalizeToyWorldSegmenter": ToyWorldSegmenter,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "PersonalizeToyWorldLoader": "Toy World Loader (small trained text-to-image model)",
     "PersonalizeToyWorldSubject": "Toy World Subject (reference renders + benchmark prompt)",
+    "PersonalizeToyWorldSegmenter": "Toy World Segmenter (mask source)",
 }

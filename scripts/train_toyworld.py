@@ -3,7 +3,9 @@
     .venv/bin/python scripts/train_toyworld.py vae       # TAESD-architecture VAE on 128 px world-v2 renders
     .venv/bin/python scripts/train_toyworld.py unet      # the SD1.5-family UNet on VAE latents (16x16) of base renders
     .venv/bin/python scripts/train_toyworld.py scorers   # class/background classifier + instance embedder
+    .venv/bin/python scripts/train_toyworld.py segmenter # the toy mask source (subject segmenter) on 128 px renders
     .venv/bin/python scripts/train_toyworld.py vae-ceiling   # measure: VAE round-trip subject fidelity (no training)
+    .venv/bin/python scripts/train_toyworld.py segmenter-eval   # measure: the segmenter's IoU (no training)
 
 Each stage reads its recipe from CONFIG below (override with --steps / --set key=value) and writes
 <out>/<stage>.safetensors (fp16, atomically; the recipe in the file's metadata) plus a resume checkpoint
@@ -53,6 +55,14 @@ CONFIG = {
              "p_uncond": 0.1, "subject_weight": 3.0, "ema": 0.999, "seed": 12, "save_every": 200, "init": ""},
     "scorers": {"steps": 2000, "batch": 48, "size": 64, "lr": 6e-4, "lr_end": 3e-5, "warmup": 50, "temperature": 0.1,
                 "seed": 13, "save_every": 200},
+    # segmenter (the toy mask source, toyworld/segmenter.py): BCE + soft Dice on the renders' masks, 128 px.
+    # vae_pool training renders are round-tripped through ``vae`` once (cached in <out>/segmenter.vaepool.ckpt) and
+    # vae_per_batch of them join each batch (flipped at random); every image then gets blur / noise / colour jitter,
+    # so that blurry generated images segment too. eval_refs: held-out subject renders per subject for the IoU
+    # printed at the end (0: none).
+    "segmenter": {"steps": 240, "batch": 16, "size": 128, "lr": 3e-3, "lr_end": 1e-4, "warmup": 10, "dice": 1.0,
+                  "vae_pool": 96, "vae_per_batch": 4, "vae": "weights/toyworld-v2-staging/vae.safetensors",
+                  "p_blur": 0.6, "noise": 0.06, "jitter": 0.15, "seed": 14, "save_every": 40, "eval_refs": 4},
 }
 
 
@@ -542,6 +552,192 @@ def train_scorers(cfg, a, stop, dev):
     checkpoint(final=step >= cfg["steps"])
 
 
+# ------------------------------------------------------------------------------------------------ segmenter
+
+def segmenter_scenes(rng, n):
+    """The segmenter's training scenes (fresh renders and the VAE pool alike): scenes.training_scenes, never a
+    held-out emblem."""
+    return scenes.training_scenes(rng, n)
+
+
+def render_scenes(scs, size):
+    out = [scenes.render(sc, size) for sc in scs]
+    return to_tensor(np.stack([o[0] for o in out])), torch.from_numpy(np.stack([o[1] for o in out]))[:, None]
+
+
+@torch.no_grad()
+def vae_round_trip(net, x, dev, chunk=8):
+    """Images NCHW through the toy VAE (TAESD encoder then decoder, what ComfyUI's encode / decode compute: the
+    scale / shift cancel), clamped to 0..1, on the CPU."""
+    return torch.cat([net.taesd_decoder(net.taesd_encoder(x[i:i + chunk].to(dev))).clamp(0, 1).cpu()
+                      for i in range(0, len(x), chunk)])
+
+
+def segmenter_vae_pool(cfg, out, dev):
+    """cfg['vae_pool'] training renders (their own seed) and their VAE round trips, cached next to the weights keyed
+    by the VAE file and the recipe, so that a resumed run does not round-trip them again."""
+    import hashlib
+
+    if not cfg["vae_pool"]:
+        return torch.zeros(0, 3, cfg["size"], cfg["size"]), torch.zeros(0, 1, cfg["size"], cfg["size"])
+    vae_path = REPO / cfg["vae"] if not os.path.isabs(cfg["vae"]) else Path(cfg["vae"])
+    key = {"vae": hashlib.sha256(vae_path.read_bytes()).hexdigest()[:16],
+           **{k: cfg[k] for k in ("size", "vae_pool", "seed")}}
+    cache = Path(out) / "segmenter.vaepool.ckpt"
+    if cache.is_file():
+        hit = torch.load(cache, map_location="cpu", weights_only=False)
+        if hit.get("key") == key:
+            log("VAE round-trip pool from", cache)
+            return hit["x"], hit["m"]
+    t0 = time.time()
+    x, m = render_scenes(segmenter_scenes(np.random.default_rng([cfg["seed"], 0x9001]), cfg["vae_pool"]), cfg["size"])
+    x = vae_round_trip(_load_taesd(vae_path).to(dev).eval(), x, dev)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.parent / f".{cache.name}.partial"
+    torch.save({"key": key, "x": x, "m": m}, tmp)
+    os.replace(tmp, cache)
+    log(f"VAE round-trip pool: {len(x)} renders through {cfg['vae']} ({time.time() - t0:.0f}s)")
+    return x, m
+
+
+def segmenter_augment(x, rng, cfg):
+    """Blur (a down/up-sampled copy mixed in, p_blur), colour jitter (per-channel gain, brightness, saturation) and
+    Gaussian noise; parameters from the numpy generator, noise from torch's (both checkpointed)."""
+    n = x.shape[0]
+    f = rng.uniform(0.25, 0.6)
+    small = F.interpolate(F.interpolate(x, scale_factor=f, mode="bilinear", antialias=True), size=x.shape[-2:],
+                          mode="bilinear")
+    w = torch.from_numpy(rng.uniform(0.3, 1, n) * (rng.random(n) < cfg["p_blur"])).float().view(-1, 1, 1, 1)
+    x = x * (1 - w) + small * w
+    j = cfg["jitter"]
+    gain = torch.from_numpy(rng.uniform(1 - j, 1 + j, (n, 3, 1, 1))).float()
+    bias = torch.from_numpy(rng.uniform(-j / 2, j / 2, (n, 1, 1, 1))).float()
+    sat = torch.from_numpy(rng.uniform(1 - 2 * j, 1 + j, (n, 1, 1, 1))).float()
+    grey = x.mean(dim=1, keepdim=True)
+    x = grey + (x - grey) * sat
+    sigma = torch.from_numpy(rng.uniform(0, cfg["noise"], (n, 1, 1, 1))).float()
+    return (x * gain + bias + torch.randn(x.shape) * sigma).clamp(0, 1)
+
+
+def segmenter_batch(rng, cfg, pool):
+    """One training batch (images NCHW, masks N1HW): batch - vae_per_batch fresh renders of training scenes and
+    vae_per_batch VAE round trips from the pool (flipped at random), all augmented."""
+    n_pool = min(cfg["vae_per_batch"], cfg["batch"]) if len(pool[0]) else 0
+    x, m = render_scenes(segmenter_scenes(rng, cfg["batch"] - n_pool), cfg["size"])
+    if n_pool:
+        idx = rng.integers(0, len(pool[0]), n_pool)
+        flip = torch.from_numpy(rng.random(n_pool) < 0.5)
+        px, pm = pool[0][idx].clone(), pool[1][idx].clone()
+        px[flip], pm[flip] = px[flip].flip(-1), pm[flip].flip(-1)
+        x, m = torch.cat([x, px]), torch.cat([m, pm])
+    return segmenter_augment(x, rng, cfg), m
+
+
+def segmenter_loss(logits, m, dice_weight):
+    """BCE against the renders' soft (anti-aliased) masks + soft Dice over each image."""
+    bce = F.binary_cross_entropy_with_logits(logits, m)
+    p = torch.sigmoid(logits)
+    inter, tot = (p * m).sum(dim=(1, 2, 3)), (p + m).sum(dim=(1, 2, 3))
+    dice = 1 - ((2 * inter + 1) / (tot + 1)).mean()
+    return bce + dice_weight * dice, bce, dice
+
+
+def train_segmenter(cfg, a, stop, dev):
+    from personalize.toyworld import segmenter
+
+    out = Path(a.out)
+    ckpt_path = out / "segmenter.ckpt"
+    torch.manual_seed(cfg["seed"])
+    rng = np.random.default_rng(cfg["seed"])
+    pool = segmenter_vae_pool(cfg, out, dev)
+    net = segmenter.build().to(dev)
+    log(f"segmenter: {sum(p.numel() for p in net.parameters()) / 1e6:.3f} M parameters")
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=1e-4)
+    step, avg = 0, None
+    if a.resume:
+        ck = load_checkpoint(ckpt_path, cfg)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        set_rng_state(rng, ck["rng"], dev)
+        step, avg = ck["step"], ck["avg"]
+    t0 = time.time()
+
+    def checkpoint(final=False):
+        save_checkpoint(ckpt_path, model=net.state_dict(), opt=opt.state_dict(), step=step, avg=avg, cfg=cfg,
+                        rng=rng_state(rng, dev))
+        meta = {"stage": "segmenter", "config": cfg, "steps_done": step, "complete": json.dumps(final)}
+        if final and cfg["eval_refs"]:
+            meta["eval"] = eval_segmenter(net.eval(), cfg, dev)
+            net.train()
+        save(net.state_dict(), out / "segmenter.safetensors", meta)
+
+    net.train()
+    while step < cfg["steps"] and not stop():
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        x, m = segmenter_batch(rng, cfg, pool)
+        loss, bce, dice = segmenter_loss(net(x.to(dev)), m.to(dev), cfg["dice"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        avg = loss.item() if avg is None else 0.9 * avg + 0.1 * loss.item()
+        if step % 10 == 0:
+            log(f"segmenter step {step} loss {avg:.4f} (bce {bce.item():.4f} dice {dice.item():.4f}) "
+                f"lr {lr_at(cfg, step):.2e} ({time.time() - t0:.0f}s)")
+        step += 1
+        if step % cfg["save_every"] == 0 and step < cfg["steps"]:
+            checkpoint()
+    checkpoint(final=step >= cfg["steps"])
+
+
+def iou(pred, gt):
+    """Per-image IoU of binary masks [B, H, W] (the ground truth: render mask > 0.5)."""
+    pred, gt = pred > 0.5, gt > 0.5
+    return ((pred & gt).sum(dim=(1, 2)).float() / (pred | gt).sum(dim=(1, 2)).clamp(min=1).float())
+
+
+@torch.no_grad()
+def eval_segmenter(net, cfg, dev, vae_path=None):
+    """IoU on the 12 held-out subjects' reference renders (scenes.subject_references, eval_refs each, at the
+    recipe's size: evaluation only, never trained on), on their VAE round trips, and on fresh training-distribution
+    renders (their own seed). Prints and returns {set: {"mean", "min", "worst"}}."""
+    from personalize.toyworld import segmenter
+
+    n = cfg["eval_refs"]
+    refs = [(s.name, r) for s in scenes.SUBJECTS for r in scenes.subject_references(s, n, size=cfg["size"])]
+    x = torch.from_numpy(np.stack([r[0] for _, r in refs]))
+    gt = torch.from_numpy(np.stack([r[1] for _, r in refs]))
+    vae_path = Path(vae_path or (REPO / cfg["vae"] if not os.path.isabs(cfg["vae"]) else cfg["vae"]))
+    rt = vae_round_trip(_load_taesd(vae_path).to(dev).eval(), x.permute(0, 3, 1, 2), dev).permute(0, 2, 3, 1)
+    vx, vm = render_scenes(segmenter_scenes(np.random.default_rng([cfg["seed"], 0xE7A1]), 12 * n), cfg["size"])
+    sets = {"held-out subject renders": (x, gt, [nm for nm, _ in refs]),
+            "held-out subject VAE round trips": (rt, gt, [nm for nm, _ in refs]),
+            "training-distribution renders": (vx.permute(0, 2, 3, 1), vm[:, 0], None)}
+    res = {}
+    for name, (imgs, masks, names) in sets.items():
+        v = iou(segmenter.predict(net, imgs), masks)
+        worst = names[int(v.argmin())] if names else None
+        res[name] = {"mean": round(v.mean().item(), 4), "min": round(v.min().item(), 4), "worst": worst}
+        if names:
+            per = {}
+            for nm, val in zip(names, v.tolist()):
+                per.setdefault(nm, []).append(val)
+            res[name]["per_subject"] = {nm: round(float(np.mean(vals)), 4) for nm, vals in per.items()}
+        log(f"segmenter IoU, {name} ({len(v)} images at {cfg['size']} px): mean {v.mean().item():.4f}, "
+            f"min {v.min().item():.4f}" + (f" ({worst})" if worst else ""))
+    return res
+
+
+def measure_segmenter(cfg, a, stop, dev):
+    from personalize.toyworld import segmenter
+
+    path = Path(a.segmenter or (Path(a.out) / "segmenter.safetensors"))
+    if a.size:
+        cfg["size"] = a.size
+    log("segmenter", path)
+    print(json.dumps(eval_segmenter(segmenter.load(path).to(dev), cfg, dev, a.vae), indent=1))
+
+
 # ------------------------------------------------------------------------------------------------ measurement
 
 @torch.no_grad()
@@ -585,7 +781,8 @@ def measure_vae(cfg, a, stop, dev):
           f"real renders {r[:, 0].mean():.3f}, round-trips mean {r[:, 1].mean():.3f}, worst {worst} {res[worst][1]:.3f}")
 
 
-STAGES = {"vae": train_vae, "unet": train_unet, "scorers": train_scorers, "vae-ceiling": measure_vae}
+STAGES = {"vae": train_vae, "unet": train_unet, "scorers": train_scorers, "segmenter": train_segmenter,
+          "vae-ceiling": measure_vae, "segmenter-eval": measure_segmenter}
 
 
 def _value(text):
@@ -611,8 +808,11 @@ def main(argv=None):
     ap.add_argument("--out", default=str(STAGING_DIR), help="where weights and checkpoints go")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--vae", default=None, help="vae-ceiling: the VAE file (default <out>/vae.safetensors)")
-    ap.add_argument("--size", type=int, default=None, help="vae-ceiling: image size (default the recipe's)")
+    ap.add_argument("--vae", default=None, help="vae-ceiling, segmenter-eval: the VAE file (default "
+                                                "<out>/vae.safetensors; segmenter-eval: the recipe's)")
+    ap.add_argument("--segmenter", default=None,
+                    help="segmenter-eval: the segmenter file (default <out>/segmenter.safetensors)")
+    ap.add_argument("--size", type=int, default=None, help="vae-ceiling, segmenter-eval: image size (default the recipe's)")
     ap.add_argument("--scorers", default=None, help="vae-ceiling: scorer file (default weights/toyworld's)")
     ap.add_argument("--seeds", type=int, default=2, help="vae-ceiling: renders per benchmark prompt")
     ap.add_argument("--save-grid", default=None, help="vae-ceiling: PNG of real renders over their round-trips")
@@ -621,7 +821,7 @@ def main(argv=None):
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    cfg = dict(CONFIG["vae" if a.stage == "vae-ceiling" else a.stage])
+    cfg = dict(CONFIG[{"vae-ceiling": "vae", "segmenter-eval": "segmenter"}.get(a.stage, a.stage)])
     for kv in a.set:
         k, _, v = kv.partition("=")
         if k not in cfg:

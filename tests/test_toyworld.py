@@ -99,9 +99,9 @@ def _train_module():
     return train_toyworld
 
 
-def test_every_training_generator_draws_its_looks_through_the_held_out_guard(monkeypatch):
-    """The base (UNet), VAE and scorer data generators get every look from the guarded sampler: with the raw sampler
-    made to offer each held-out emblem first, no generator lets one through."""
+def test_every_training_generator_draws_its_looks_through_the_held_out_guard(monkeypatch, tmp_path):
+    """The base (UNet), VAE, scorer and segmenter data generators get every look from the guarded sampler: with the
+    raw sampler made to offer each held-out emblem first, no generator lets one through."""
     tt = _train_module()
     held = sorted(scenes.HELD_OUT_EMBLEMS, key=repr)
     sentinel = ("cyan", "plain", scenes.Emblem("rim", "cyan", "black", "dot", "white"))
@@ -118,12 +118,21 @@ def test_every_training_generator_draws_its_looks_through_the_held_out_guard(mon
     made = {"base (the UNet's data, scenes.batch)": scenes.batch(range(3), size=16)[3],
             "training_scenes": scenes.training_scenes(rng, 3)}
     made["scorer classifier batch"], made["scorer contrastive views"] = tt.scorer_scenes(rng, 4)
+    made["segmenter scenes"] = tt.segmenter_scenes(rng, 3)
     for name, scs in made.items():
         assert scs and all((sc.color, sc.pattern, sc.emblem) == sentinel for sc in scs), name
     # the VAE's batch (images only): each of its 3 scenes was offered every held-out emblem before the sentinel
     n = len(offered)
     imgs, masks = tt.render_training(rng, 3, 16)
     assert imgs.shape == (3, 3, 16, 16) and len(offered) - n == 3 * (len(held) + 1)
+    # the segmenter's batches and its VAE round-trip pool (images only), likewise
+    cfg = dict(tt.CONFIG["segmenter"], size=16, batch=3, vae_pool=2, vae_per_batch=1)
+    n = len(offered)
+    pool = tt.segmenter_vae_pool(cfg, tmp_path, torch.device("cpu"))
+    assert pool[0].shape == (2, 3, 16, 16) and len(offered) - n == 2 * (len(held) + 1)
+    n = len(offered)
+    imgs, masks = tt.segmenter_batch(rng, cfg, pool)
+    assert imgs.shape == (3, 3, 16, 16) and len(offered) - n == 2 * (len(held) + 1)   # 2 fresh + 1 from the pool
     assert offered and len(held) == 17
 
 

@@ -24,6 +24,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS_DIR = os.path.normpath(os.path.join(HERE, "..", "weights", "toyworld"))
+# world v2's weights, trained there until a full set is measured (then they move to WEIGHTS_DIR with the rest)
+V2_WEIGHTS_DIR = os.path.normpath(os.path.join(HERE, "..", "weights", "toyworld-v2-staging"))
+SEGMENTER_PATH = os.path.join(V2_WEIGHTS_DIR, "segmenter.safetensors")   # the toy mask source (toyworld/segmenter.py)
 
 UNET_CONFIG = {
     "use_checkpoint": False, "image_size": 8, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
