@@ -203,3 +203,28 @@ def test_bootstrap_node_and_trainer_read_the_same_folder(mods, tmp_path, output_
     assert B.BootPIGLoader.VALIDATE_INPUTS(input_types={}, bootpig_name=fname) is True
     base, ref = run_node(B.BootPIGLoader, model=m, bootpig_name=fname)
     assert len(base.patches) > 0 and ref.model is not m.model
+
+
+def test_example_workflow_bootstraps_trains_loads_and_samples_on_the_toy_model(tmp_path, output_dir):
+    """example_workflows/toyworld_bootpig_training.json, converted like the CLI converts it and run node by node:
+    Bootstrap (toy segmenter) -> Trainer -> Loader (its file name linked) -> Reference Encoder -> RSA Patch ->
+    KSampler, with fewer steps."""
+    import folder_paths
+    import nodes
+    from helpers import convert_example, run_api
+
+    import personalize
+
+    folder_paths.add_model_folder_path("bootpig", str(tmp_path / "models_bootpig"), is_default=True)
+    api = convert_example("toyworld_bootpig_training.json")
+    by_type = {n["class_type"]: n["inputs"] for n in api.values()}
+    assert by_type["PersonalizeBootPIGLoader"]["bootpig_name"][0] != by_type["PersonalizeBootPIGLoader"]["model"][0]
+    assert isinstance(by_type["PersonalizeBootPIGTrainer"]["dataset"], list)   # linked to the Bootstrap node
+    by_type["PersonalizeBootPIGBootstrap"].update(count=4, steps=4)
+    by_type["PersonalizeBootPIGTrainer"].update(steps=2)
+    by_type["KSampler"].update(steps=3)
+    saved = run_api(api, {**nodes.NODE_CLASS_MAPPINGS, **personalize.NODE_CLASS_MAPPINGS})
+    assert len(saved) == 1 and saved[0].shape == (4, 64, 64, 3) and torch.isfinite(saved[0]).all()
+    meta = json.load(open(output_dir / "bootpig_datasets" / "toyworld_example" / "dataset.json"))
+    assert meta["kept"] >= 1 and meta["recipe"]["mask_source"].startswith("toy segmenter")
+    assert (tmp_path / "models_bootpig" / "toyworld_bootpig_example.safetensors").is_file()

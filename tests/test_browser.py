@@ -204,8 +204,11 @@ def test_templates_browser_lists_the_pack_under_its_name_with_thumbnails(page, s
     page.on("response", lambda r: fetched.append((r.url, r.status)) if ".jpg" in r.url else None)
     page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     page.get_by_text("personalize", exact=True).first.click(timeout=30_000)
-    for p in WORKFLOWS:
-        page.get_by_text(p.stem, exact=True).first.wait_for(timeout=30_000)
+    for p in WORKFLOWS:   # the grid loads thumbnails lazily: bring each card into view
+        card = page.get_by_text(p.stem, exact=True).first
+        card.wait_for(timeout=30_000)
+        card.scroll_into_view_if_needed(timeout=30_000)
+        page.wait_for_timeout(300)
     page.wait_for_timeout(1500)
     page.screenshot(path=str(ARTIFACTS / "templates_browser.png"))
     shown = {url.rsplit("/", 1)[-1].split("?")[0] for url, status in fetched if status == 200}

@@ -109,3 +109,11 @@ class ToySegmenterMaskSource:
 
     def __repr__(self):
         return f"<ToySegmenterMaskSource: {self.describe()}>"
+
+
+def mask_source(path: str | None = None) -> ToySegmenterMaskSource:
+    """The shipped toy segmenter as a mask source (``toyworld.model.SEGMENTER_PATH`` unless ``path``)."""
+    from . import model as tw_model
+
+    path = path or tw_model.SEGMENTER_PATH
+    return ToySegmenterMaskSource(load(path), path)
