@@ -228,3 +228,22 @@ def test_example_workflow_bootstraps_trains_loads_and_samples_on_the_toy_model(t
     meta = json.load(open(output_dir / "bootpig_datasets" / "toyworld_example" / "dataset.json"))
     assert meta["kept"] >= 1 and meta["recipe"]["mask_source"].startswith("toy segmenter")
     assert (tmp_path / "models_bootpig" / "toyworld_bootpig_example.safetensors").is_file()
+
+
+def test_headless_script_writes_a_dataset_and_names_a_bad_mask_source(tmp_path):
+    import subprocess
+    import sys
+
+    from test_dreambooth import REPO, subprocess_env
+
+    out = tmp_path / "headless"
+    cmd = [sys.executable, "-m", "scripts.bootstrap_bootpig", "--random-tiny", "0", "--mask-source", "toy",
+           "--count", "3", "--steps", "1", "--dataset", str(out), "--cpu"]
+    r = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.load(open(out / "dataset.json"))
+    assert meta["kept"] + meta["discarded"] == 3 and meta["recipe"]["width"] == 64
+    assert meta["recipe"]["mask_source"].startswith("toy segmenter")
+    r = subprocess.run(cmd[:6] + ["sam2"] + cmd[7:], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 2 and "'--mask-source'" in r.stderr
