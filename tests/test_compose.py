@@ -324,7 +324,7 @@ def test_four_techniques_run_with_consistent_rows_and_no_syncs(family, kit, monk
         print(f"\n[{family}] rows each patch saw: (cond_or_uncond, reference chunks, rows, roles) x calls")
         for where, c in SEEN.items():
             print(f"  {where}: " + "; ".join(f"{k[0]} ref={k[1]} rows={k[2]} {k[3]} x{v}" for k, v in sorted(c.items())))
-        print(f"  IPAdapter-like attn2 replace: " + "; ".join(f"{k[0]} rows={k[1]} x{v}" for k, v in
+        print("  IPAdapter-like attn2 replace: " + "; ".join(f"{k[0]} rows={k[1]} x{v}" for k, v in
                                                              sorted(ip_seen.items())))
 
 

@@ -19,7 +19,7 @@ draws; ``subject_references`` gives their reference renders and ``dreambench_pro
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
