@@ -247,3 +247,30 @@ def test_headless_script_writes_a_dataset_and_names_a_bad_mask_source(tmp_path):
     r = subprocess.run(cmd[:6] + ["sam2"] + cmd[7:], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 2 and "'--mask-source'" in r.stderr
+
+
+def test_sam_mask_source_runs_segment_anything_per_image():
+    """Mask Source (SAM) over the real segment-anything model (small encoder, random weights: whatever it finds):
+    one 0/1 mask per image, the same one ``nodes.sam.segment`` gives, or an empty mask where SAM finds nothing."""
+    from helpers import run_node
+
+    from personalize import bootpig_nodes as B
+    from personalize.nodes import sam as sam_lib
+
+    with torch.inference_mode(False):
+        sam = sam_lib.build(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+                            encoder_global_attn_indexes=[1])
+    (source,) = run_node(B.MaskSourceSAMNode, sam_model=sam, points_per_side=4)
+    images = torch.ones(2, 64, 64, 3)
+    images[0, 16:48, 20:44] = torch.tensor([0.8, 0.1, 0.1])
+    masks = source(images)
+    assert masks.shape == (2, 64, 64) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    for img, m in zip(images, masks):
+        try:
+            want = sam_lib.segment(sam, img, points_per_side=4)
+        except InputError:
+            want = torch.zeros(64, 64)
+        assert torch.equal(m, want)
+    assert "SAM" in source.describe()
+    with pytest.raises(InputError, match="'sam_model'"):
+        run_node(B.MaskSourceSAMNode, sam_model=object(), points_per_side=4)
