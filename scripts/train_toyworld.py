@@ -221,7 +221,7 @@ def train_vae(cfg, a, stop, dev):
     opt = torch.optim.Adam(params, lr=cfg["lr"])
     step = 0
     if a.resume:
-        ck = load_checkpoint(ckpt_path, cfg)
+        ck = load_checkpoint(ckpt_path, cfg, a.reschedule)
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         set_rng_state(rng, ck["rng"], dev)
@@ -504,7 +504,7 @@ def train_scorers(cfg, a, stop, dev):
     opt = torch.optim.AdamW(list(cls_net.parameters()) + list(emb_net.parameters()), lr=cfg["lr"], weight_decay=1e-4)
     step = 0
     if a.resume:
-        ck = load_checkpoint(ckpt_path, cfg)
+        ck = load_checkpoint(ckpt_path, cfg, a.reschedule)
         cls_net.load_state_dict(ck["classifier"])
         emb_net.load_state_dict(ck["embedder"])
         opt.load_state_dict(ck["opt"])
@@ -655,7 +655,7 @@ def train_segmenter(cfg, a, stop, dev):
     opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=1e-4)
     step, avg = 0, None
     if a.resume:
-        ck = load_checkpoint(ckpt_path, cfg)
+        ck = load_checkpoint(ckpt_path, cfg, a.reschedule)
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         set_rng_state(rng, ck["rng"], dev)
