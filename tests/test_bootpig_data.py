@@ -274,3 +274,23 @@ def test_sam_mask_source_runs_segment_anything_per_image():
     assert "SAM" in source.describe()
     with pytest.raises(InputError, match="'sam_model'"):
         run_node(B.MaskSourceSAMNode, sam_model=object(), points_per_side=4)
+
+
+def test_specks_and_pinholes_of_a_mask_are_cleaned_before_the_border_rule(mods, tmp_path):
+    """A segmenter's stray speck at the border does not discard a central subject; its pinholes are filled."""
+
+    class Specks(MaskSource):
+        def masks_of(self, images):
+            m = torch.zeros(images.shape[:3])
+            m[:, 16:48, 16:48] = 1
+            m[:, 30, 30] = 0          # a pinhole
+            m[:, 0:2, 0:2] = 1        # a speck in the corner
+            return m
+
+    m, c, v = mods
+    r = D.bootstrap(m, c, v, Specks(), str(tmp_path / "ds"), settings(count=2), D.CaptionGrammar.general())
+    assert (r.kept, r.discarded) == (2, 0)
+    for it in D.load_items(str(tmp_path / "ds")):
+        want = torch.zeros(64, 64)
+        want[16:48, 16:48] = 1
+        assert torch.equal(it.mask, want)
