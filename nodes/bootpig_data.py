@@ -295,11 +295,13 @@ def touches_border(mask: torch.Tensor, border: int) -> bool:
 
 
 def largest_component(mask: torch.Tensor) -> torch.Tensor:
-    """The mask's largest 8-connected region with its holes filled: the subject, without the stray specks and
-    pinholes a segmenter leaves (SAM's masks are filled the same way). An empty mask stays empty. (scipy ships with
+    """The mask's largest 8-connected region with its holes filled (``sam.fill_holes``, as SAM's masks are): the
+    subject, without the stray specks and pinholes a segmenter leaves. An empty mask stays empty. (scipy ships with
     ComfyUI.)"""
     import numpy as np
-    from scipy.ndimage import binary_fill_holes, label
+    from scipy.ndimage import label
+
+    from .sam import fill_holes
 
     m = (mask > 0.5).cpu().numpy()
     lab, n = label(m, structure=np.ones((3, 3), dtype=int))
@@ -307,7 +309,7 @@ def largest_component(mask: torch.Tensor) -> torch.Tensor:
         sizes = np.bincount(lab.ravel())
         sizes[0] = 0
         m = lab == int(sizes.argmax())
-    return torch.from_numpy(binary_fill_holes(m).astype(np.float32))
+    return torch.from_numpy(fill_holes(m).astype(np.float32))
 
 
 def mask_box(mask: torch.Tensor) -> tuple[int, int, int, int]:
@@ -316,11 +318,12 @@ def mask_box(mask: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def reference_from(target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """BootPIG's reference: the target's foreground pasted on white, cropped to the mask's box. [H,W,3], [H,W]."""
-    m = (mask > 0.5).float()[..., None]
-    on_white = target[..., :3].float() * m + (1.0 - m)
+    """BootPIG's reference: the target's foreground pasted on white (``sam.on_white``), cropped to the mask's box.
+    [H,W,3], [H,W]."""
+    from .sam import on_white
+
     t, b, l, r = mask_box(mask)
-    return on_white[t:b, l:r].contiguous()
+    return on_white(target[None].float(), (mask > 0.5)[None])[0, t:b, l:r].contiguous()
 
 
 def _png(arr: torch.Tensor, path: str) -> None:
