@@ -6,6 +6,7 @@
     .venv/bin/python scripts/train_toyworld.py segmenter # the toy mask source (subject segmenter) on 128 px renders
     .venv/bin/python scripts/train_toyworld.py vae-ceiling   # measure: VAE round-trip subject fidelity (no training)
     .venv/bin/python scripts/train_toyworld.py segmenter-eval   # measure: the segmenter's IoU (no training)
+    .venv/bin/python scripts/train_toyworld.py unet-check    # measure: class / background of base generations
 
 Each stage reads its recipe from CONFIG below (override with --steps / --set key=value) and writes
 <out>/<stage>.safetensors (fp16, atomically; the recipe in the file's metadata) plus a resume checkpoint
@@ -51,8 +52,13 @@ CONFIG = {
     "vae": {"steps": 360, "batch": 12, "size": 128, "crop": 64, "lr": 4e-4, "lr_end": 2e-5, "warmup": 20,
             "latent_noise": 0.1, "reg": 0.01, "subject_weight": 2.0, "calib_images": 256, "seed": 11,
             "init": "weights/toyworld/vae.safetensors", "save_every": 40},
+    # unet: amp "bf16" runs the forward pass under bfloat16 autocast (fp32 weights, optimizer and loss; 2.2x faster
+    # per step on this project's CPU, which has AVX512-BF16; "" = fp32). min_snr: Min-SNR-gamma loss weighting
+    # (Hang et al. 2023; eps-prediction weight min(SNR, gamma) / SNR; 0 = off): the many low-noise steps, whose eps
+    # targets are the hardest and least useful for shape and layout, stop dominating the gradient.
     "unet": {"steps": 6000, "batch": 64, "size": 128, "lr": 1e-3, "lr_end": 5e-5, "warmup": 100, "n_images": 12000,
-             "p_uncond": 0.1, "subject_weight": 3.0, "ema": 0.999, "seed": 12, "save_every": 200, "init": ""},
+             "p_uncond": 0.1, "subject_weight": 3.0, "ema": 0.999, "seed": 12, "save_every": 200, "init": "",
+             "amp": "bf16", "min_snr": 5.0},
     "scorers": {"steps": 2000, "batch": 48, "size": 64, "lr": 6e-4, "lr_end": 3e-5, "warmup": 50, "temperature": 0.1,
                 "seed": 13, "save_every": 200},
     # segmenter (the toy mask source, toyworld/segmenter.py): BCE + soft Dice on the renders' masks, 128 px.
@@ -289,8 +295,11 @@ class CompactContext:
     the same function of the weights (``check`` compares it with the plain UNet), about 2.5x less work per step on
     CPU (the 77-token key/value projections dominate an 8x8-latent UNet)."""
 
+    VERIFY = 32   # the first captions composed from token rows are also encoded by the CLIP and must match it
+
     def __init__(self, clip, unet):
         self.clip, self.cache, self.bias = clip, {}, None
+        self.token_rows, self.verified = {}, 0   # token id -> its output row (the encoder is a bag of words)
         self.device = next(unet.parameters()).device
         self.modules = [m for n, m in unet.named_modules() if n.endswith("attn2")]
         self.originals = [m.forward for m in self.modules]
@@ -299,12 +308,61 @@ class CompactContext:
         with torch.no_grad():
             return torch.cat([self.clip.encode_from_tokens(self.clip.tokenize(c)) for c in caps]).to(self.device)
 
+    def tokens(self, cap):
+        """The caption's 77 token ids. ComfyUI's SD1 tokenizer splits the text on spaces and tokenizes each word
+        alone, so a caption's ids are its words' ids (cached) between the start and end tokens, padded with the
+        tokenizer's pad id (checked against the tokenizer for the first VERIFY captions)."""
+        def real(text):
+            return [t[0] for t in self.clip.tokenize(text)["l"][0]]
+
+        if not hasattr(self, "words"):
+            empty = real("")
+            self.words, self.start, self.end, self.pad = {}, empty[0], empty[1], empty[-1]
+        ids = [self.start]
+        for w in cap.split(" "):
+            if w not in self.words:
+                t = real(w)
+                self.words[w] = t[1:t.index(self.end, 1)]
+            ids += self.words[w]
+        if len(ids) > 76:
+            return real(cap)
+        return ids + [self.end] + [self.pad] * (76 - len(ids))
+
+    def context(self, cap):
+        """The caption's 77 x 768 context, as ComfyUI's CLIP computes it. The toy encoder's output row at a position
+        depends on that position's token alone (zero position embeddings and residual branches), so rows are
+        composed from a per-token table filled from real encodes instead of running the CLIP (through ComfyUI's
+        model management) for every new caption (1.38 -> 1.28 s per training step). The first VERIFY compositions
+        are checked against the CLIP, bit for bit."""
+        toks = self.tokens(cap)
+        if any(t not in self.token_rows for t in toks):
+            full = self.full([cap])[0]
+            for p, t in enumerate(toks):
+                self.token_rows.setdefault(t, full[p])
+            return full, toks
+        if self.verified < self.VERIFY:
+            real = [t[0] for t in self.clip.tokenize(cap)["l"][0]]
+            if real != toks:
+                raise AssertionError(f"word-composed tokens differ from the tokenizer's for {cap!r}")
+            got, full = torch.stack([self.token_rows[t] for t in toks]), self.full([cap])[0]
+            if not torch.equal(got, full):
+                raise AssertionError(f"token-row context differs from the CLIP's for {cap!r}: "
+                                     f"{(got - full).abs().max().item():.3g}")
+            self.verified += 1
+        return None, toks
+
     def compact(self, caps):
         rows = []
         for c in caps:
             if c not in self.cache:
-                full = self.full([c])[0]
-                u, counts = torch.unique(full, dim=0, return_counts=True)
+                full, toks = self.context(c)
+                if full is None:   # distinct rows = distinct tokens; unique() sorts them as it sorts the full matrix
+                    ids, n = np.unique(np.array(toks), return_counts=True)
+                    u, inv = torch.unique(torch.stack([self.token_rows[int(t)] for t in ids]), dim=0,
+                                          return_inverse=True)
+                    counts = torch.zeros(len(u)).index_add_(0, inv.cpu(), torch.from_numpy(n).float())
+                else:
+                    u, counts = torch.unique(full, dim=0, return_counts=True)
                 self.cache[c] = (u, counts.float().log())
             rows.append(self.cache[c])
         n = max(r[0].shape[0] for r in rows)
@@ -328,7 +386,10 @@ class CompactContext:
             q, k, v = mod.to_q(x), mod.to_k(context), mod.to_v(context)
             b, h = q.shape[0], mod.heads
             q, k, v = (t.view(b, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias[:, None, None, :].to(q.dtype))
+            # written out rather than scaled_dot_product_attention(attn_mask=...): with a mask and under bf16
+            # autocast its CPU backward took 0.7 s more per step; logits and softmax in fp32
+            w = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5) + self.bias[:, None, None, :]
+            out = w.softmax(-1).to(v.dtype) @ v
             return mod.to_out(out.transpose(1, 2).reshape(b, x.shape[1], -1))
         return forward
 
@@ -352,6 +413,23 @@ class CompactContext:
         err = (got - ref).abs().max().item()
         assert err < 1e-4 * max(1.0, ref.abs().max().item()), f"compact context differs from the plain UNet: {err}"
         log(f"compact context equals the plain UNet (max abs diff {err:.2e})")
+
+
+def autocast(dev, cfg):
+    """bfloat16 autocast for the recipe's ``amp: "bf16"`` (weights, optimizer and loss stay fp32), else a no-op."""
+    if cfg.get("amp", "") not in ("", "bf16"):
+        raise SystemExit(f"amp={cfg['amp']!r}: expected 'bf16' or ''")
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.get("amp") == "bf16")
+
+
+def snr_weight(alpha_bar, cfg):
+    """Min-SNR-gamma weight of each sample's eps loss: min(SNR, gamma) / SNR, SNR = alpha_bar / (1 - alpha_bar);
+    ones when the recipe's min_snr is 0."""
+    gamma = float(cfg.get("min_snr", 0.0))
+    if gamma <= 0:
+        return torch.ones_like(alpha_bar)
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / snr
 
 
 def unet_inputs(vae_sd, e):
@@ -463,9 +541,11 @@ def train_unet(cfg, a, stop, dev):
         al = acp[t].view(-1, 1, 1, 1).to(dev)
         eps = torch.randn(x0.shape).to(dev)
         xt = al.sqrt() * x0 + (1 - al).sqrt() * eps
-        pred = unet(xt, t.float().to(dev), context=ctx)
+        with autocast(dev, cfg):
+            pred = unet(xt, t.float().to(dev), context=ctx).float()
         w = wts[idx].to(dev)
-        loss = (((pred - eps) ** 2) * w).mean() / w.mean()
+        per_sample = (((pred - eps) ** 2) * w).mean(dim=(1, 2, 3)) / w.mean()
+        loss = (per_sample * snr_weight(al.view(-1), cfg)).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -474,7 +554,8 @@ def train_unet(cfg, a, stop, dev):
             d = min(cfg["ema"], (1 + step) / (10 + step))
             for k, v in unet.state_dict().items():
                 ema_sd[k].mul_(d).add_(v.detach(), alpha=1 - d) if v.is_floating_point() else ema_sd[k].copy_(v)
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        plain = per_sample.mean().item()   # the unweighted loss, comparable across recipes
+        avg = plain if avg is None else 0.98 * avg + 0.02 * plain
         if step % 25 == 0:
             log(f"unet step {step} loss {avg:.4f} lr {lr_at(cfg, step):.2e} ({time.time() - t0:.0f}s)")
         step += 1
@@ -781,8 +862,55 @@ def measure_vae(cfg, a, stop, dev):
           f"real renders {r[:, 0].mean():.3f}, round-trips mean {r[:, 1].mean():.3f}, worst {worst} {res[worst][1]:.3f}")
 
 
+@torch.no_grad()
+def unet_check(unet_path, vae_path, scorers_path, seeds=1, steps=20, cfg_scale=5.0):
+    """Base generations of the class prompts 'a photo of a <class> <background>' (6 classes x 6 backgrounds x
+    ``seeds``, ComfyUI's KSampler: euler, normal, 20 steps, cfg 5; seed 100 * class + 10 * background + k), scored
+    by the scorers' class and background heads: (images [N, H, W, 3], class accuracy, background accuracy)."""
+    import nodes
+    from safetensors.torch import load_file
+
+    from personalize.toyworld.scorers import Scorers
+
+    model = tw_model.build_unet(load_file(str(unet_path)), unet_config=tw_model.UNET_CONFIG_V2)
+    clip, vae = tw_model.build_clip(), tw_model.build_vae(load_file(str(vae_path)))
+    neg = nodes.CLIPTextEncode().encode(clip, "")[0]
+    latent = CONFIG["unet"]["size"] // 8
+    imgs, cls, bgs = [], [], []
+    for ci, c in enumerate(scenes.CLASSES):
+        for bi, (b, phrase) in enumerate(scenes.BACKGROUNDS.items()):
+            pos = nodes.CLIPTextEncode().encode(clip, f"a photo of a {c} {phrase}")[0]
+            for k in range(seeds):
+                lat = {"samples": torch.zeros(1, 4, latent, latent)}
+                s = nodes.common_ksampler(model, 100 * ci + 10 * bi + k, steps, cfg_scale, "euler", "normal", pos, neg,
+                                          lat, denoise=1.0)[0]
+                imgs.append(nodes.VAEDecode().decode(vae, s)[0].float().clamp(0, 1))
+                cls.append(c)
+                bgs.append(b)
+    imgs = torch.cat(imgs)
+    pf = Scorers(str(scorers_path)).prompt_fidelity(imgs, cls, bgs)
+    return imgs, pf["class"], pf["background"]
+
+
+def measure_unet(cfg, a, stop, dev):
+    out = Path(a.out)
+    unet_path = Path(a.unet or out / "unet.safetensors")
+    scorers_path = Path(a.scorers or out / "scorers.safetensors")
+    imgs, acc_c, acc_b = unet_check(unet_path, Path(a.vae or out / "vae.safetensors"), scorers_path, seeds=a.seeds)
+    if a.save_grid:
+        from PIL import Image
+
+        n = len(scenes.BACKGROUNDS) * a.seeds   # one row per class
+        s = imgs.shape[1]
+        g = imgs.view(len(scenes.CLASSES), n, s, s, 3).permute(0, 2, 1, 3, 4).reshape(len(scenes.CLASSES) * s, n * s, 3)
+        Image.fromarray((g.numpy() * 255).round().astype(np.uint8)).save(a.save_grid)
+        log("grid (a row per class, a column per background x seed):", a.save_grid)
+    print(f"UNet {unet_path}: {imgs.shape[0]} class-prompt images, scorer {scorers_path}: "
+          f"class {acc_c:.3f}, background {acc_b:.3f}")
+
+
 STAGES = {"vae": train_vae, "unet": train_unet, "scorers": train_scorers, "segmenter": train_segmenter,
-          "vae-ceiling": measure_vae, "segmenter-eval": measure_segmenter}
+          "vae-ceiling": measure_vae, "segmenter-eval": measure_segmenter, "unet-check": measure_unet}
 
 
 def _value(text):
@@ -808,20 +936,23 @@ def main(argv=None):
     ap.add_argument("--out", default=str(STAGING_DIR), help="where weights and checkpoints go")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--vae", default=None, help="vae-ceiling, segmenter-eval: the VAE file (default "
+    ap.add_argument("--vae", default=None, help="vae-ceiling, segmenter-eval, unet-check: the VAE file (default "
                                                 "<out>/vae.safetensors; segmenter-eval: the recipe's)")
     ap.add_argument("--segmenter", default=None,
                     help="segmenter-eval: the segmenter file (default <out>/segmenter.safetensors)")
     ap.add_argument("--size", type=int, default=None, help="vae-ceiling, segmenter-eval: image size (default the recipe's)")
-    ap.add_argument("--scorers", default=None, help="vae-ceiling: scorer file (default weights/toyworld's)")
-    ap.add_argument("--seeds", type=int, default=2, help="vae-ceiling: renders per benchmark prompt")
+    ap.add_argument("--scorers", default=None, help="vae-ceiling: scorer file (default weights/toyworld's); "
+                                                    "unet-check: default <out>/scorers.safetensors")
+    ap.add_argument("--unet", default=None, help="unet-check: the UNet file (default <out>/unet.safetensors)")
+    ap.add_argument("--seeds", type=int, default=2, help="vae-ceiling: renders per benchmark prompt; unet-check: "
+                                                         "images per class x background prompt")
     ap.add_argument("--save-grid", default=None, help="vae-ceiling: PNG of real renders over their round-trips")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    cfg = dict(CONFIG[{"vae-ceiling": "vae", "segmenter-eval": "segmenter"}.get(a.stage, a.stage)])
+    cfg = dict(CONFIG[{"vae-ceiling": "vae", "segmenter-eval": "segmenter", "unet-check": "unet"}.get(a.stage, a.stage)])
     for kv in a.set:
         k, _, v = kv.partition("=")
         if k not in cfg:

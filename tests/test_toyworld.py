@@ -168,6 +168,60 @@ def test_training_stages_resume_without_losing_a_step(tmp_path):
             assert torch.equal(out["straight"][k], out["resumed"][k]), (stage, k)
 
 
+def test_compact_context_equals_the_plain_clip_and_unet():
+    """The UNet stage's compact cross-attention context: composed from per-word tokens and per-token rows, it equals
+    ComfyUI's tokenizer + CLIP encode of every caption (distinct rows and multiplicities), and the UNet run on it
+    equals the plain UNet on the 77-token context, in fp32 and under the recipe's bf16 autocast."""
+    tt = _train_module()
+    clip = tw_model.build_clip()
+    unet = tw_model.model_config(tw_model.UNET_CONFIG_V2).get_model({}).diffusion_model
+    from scripts.models import init_random_
+
+    init_random_(unet, 3)
+    cc = tt.CompactContext(clip, unet)
+    rng = np.random.default_rng(5)
+    caps = [scenes.random_caption(sc, rng) for sc in scenes.training_scenes(rng, 16)] + ["", "a photo of a sks mug"]
+    cc.compact(caps)
+    assert cc.verified >= 1   # compositions happened, and were checked against the CLIP inside compact()
+    for c in caps:
+        real = [t[0] for t in clip.tokenize(c)["l"][0]]
+        assert cc.tokens(c) == real, c
+        u, counts = torch.unique(cc.full([c])[0], dim=0, return_counts=True)
+        assert torch.equal(cc.cache[c][0], u) and torch.equal(cc.cache[c][1], counts.float().log()), c
+    x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([30.0, 500.0, 970.0])
+    with torch.no_grad():
+        ref = unet(x, t, context=cc.full(caps[:3]))
+        ctx, bias = cc.compact(caps[:3])
+        cc.install(bias)
+        try:
+            got = unet(x, t, context=ctx)
+            with tt.autocast(torch.device("cpu"), {"amp": "bf16"}):
+                got16 = unet(x, t, context=ctx).float()
+        finally:
+            cc.remove()
+        with tt.autocast(torch.device("cpu"), {"amp": "bf16"}):
+            ref16 = unet(x, t, context=cc.full(caps[:3])).float()
+    scale = ref.abs().max().item()
+    assert (got - ref).abs().max().item() < 1e-5 * max(1.0, scale)
+    assert (got16 - ref16).abs().max().item() < 0.05 * scale      # both bf16: rounding only
+    assert (ref16 - ref).abs().max().item() > 0                    # the autocast really ran in bf16
+
+
+def test_min_snr_weight_against_float64():
+    """Min-SNR-gamma weights (eps-prediction): min(SNR, gamma) / SNR on the model's own schedule, computed in float64;
+    1 wherever SNR <= gamma, below 1 only at low noise; all ones when min_snr is 0."""
+    tt = _train_module()
+    bm = tw_model.model_config(tw_model.UNET_CONFIG_V2).get_model({})
+    ab = tt._alphas_cumprod(bm)
+    w = tt.snr_weight(ab, {"min_snr": 5.0})
+    ab64 = ab.double()
+    snr = ab64 / (1 - ab64)
+    assert torch.allclose(w.double(), torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr, rtol=1e-5)
+    assert (w[snr <= 5] == 1).all() and (w[:50] < 1).all() and w[0] < 0.01
+    assert torch.equal(tt.snr_weight(ab, {"min_snr": 0}), torch.ones_like(ab))
+
+
 # ------------------------------------------------------------------------------------------------ model / loader
 
 def _encode(clip, text):

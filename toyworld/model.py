@@ -57,12 +57,13 @@ def model_config(unet_config: dict | None = None):
     return mc
 
 
-def build_unet(state_dict: dict | None = None, device=None):
-    """A ModelPatcher over the toy BaseModel; weights from ``state_dict`` (diffusion_model keys without prefix)."""
+def build_unet(state_dict: dict | None = None, device=None, unet_config: dict | None = None):
+    """A ModelPatcher over the toy BaseModel (``unet_config``: UNET_CONFIG by default); weights from ``state_dict``
+    (diffusion_model keys without prefix)."""
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    bm = model_config().get_model({})
+    bm = model_config(unet_config).get_model({})
     if state_dict is not None:
         bm.diffusion_model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     load = device if device is not None else mm.get_torch_device()
