@@ -354,17 +354,19 @@ class CompactContext:
     def compact(self, caps):
         rows = []
         for c in caps:
-            if c not in self.cache:
+            hit = self.cache.get(c)
+            if hit is None:
                 full, toks = self.context(c)
                 if full is None:   # distinct rows = distinct tokens; unique() sorts them as it sorts the full matrix
                     ids, n = np.unique(np.array(toks), return_counts=True)
                     u, inv = torch.unique(torch.stack([self.token_rows[int(t)] for t in ids]), dim=0,
                                           return_inverse=True)
                     counts = torch.zeros(len(u)).index_add_(0, inv.cpu(), torch.from_numpy(n).float())
+                    hit = (u, counts.log())   # not kept: composing again is cheap, and a run meets ~10^5 captions
                 else:
                     u, counts = torch.unique(full, dim=0, return_counts=True)
-                self.cache[c] = (u, counts.float().log())
-            rows.append(self.cache[c])
+                    hit = self.cache[c] = (u, counts.float().log())
+            rows.append(hit)
         n = max(r[0].shape[0] for r in rows)
         ctx = torch.zeros(len(caps), n, rows[0][0].shape[1])
         bias = torch.full((len(caps), n), float("-inf"))

@@ -187,7 +187,8 @@ def test_compact_context_equals_the_plain_clip_and_unet():
         real = [t[0] for t in clip.tokenize(c)["l"][0]]
         assert cc.tokens(c) == real, c
         u, counts = torch.unique(cc.full([c])[0], dim=0, return_counts=True)
-        assert torch.equal(cc.cache[c][0], u) and torch.equal(cc.cache[c][1], counts.float().log()), c
+        ctx, bias = cc.compact([c])
+        assert torch.equal(ctx[0], u) and torch.equal(bias[0], counts.float().log()), c
     x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([30.0, 500.0, 970.0])
     with torch.no_grad():
