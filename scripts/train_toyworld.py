@@ -300,6 +300,8 @@ class CompactContext:
     def __init__(self, clip, unet):
         self.clip, self.cache, self.bias = clip, {}, None
         self.token_rows, self.verified = {}, 0   # token id -> its output row (the encoder is a bag of words)
+        empty = self._tokenize("")
+        self.words, self.start, self.end, self.pad = {}, empty[0], empty[1], empty[-1]   # word -> its token ids
         self.device = next(unet.parameters()).device
         self.modules = [m for n, m in unet.named_modules() if n.endswith("attn2")]
         self.originals = [m.forward for m in self.modules]
@@ -312,21 +314,19 @@ class CompactContext:
         """The caption's 77 token ids. ComfyUI's SD1 tokenizer splits the text on spaces and tokenizes each word
         alone, so a caption's ids are its words' ids (cached) between the start and end tokens, padded with the
         tokenizer's pad id (checked against the tokenizer for the first VERIFY captions)."""
-        def real(text):
-            return [t[0] for t in self.clip.tokenize(text)["l"][0]]
-
-        if not hasattr(self, "words"):
-            empty = real("")
-            self.words, self.start, self.end, self.pad = {}, empty[0], empty[1], empty[-1]
         ids = [self.start]
         for w in cap.split(" "):
             if w not in self.words:
-                t = real(w)
+                t = self._tokenize(w)
                 self.words[w] = t[1:t.index(self.end, 1)]
             ids += self.words[w]
         if len(ids) > 76:
-            return real(cap)
+            return self._tokenize(cap)
         return ids + [self.end] + [self.pad] * (76 - len(ids))
+
+    def _tokenize(self, text):
+        """ComfyUI's tokenizer: the 77 token ids of ``text``."""
+        return [t[0] for t in self.clip.tokenize(text)["l"][0]]
 
     def context(self, cap):
         """The caption's 77 x 768 context, as ComfyUI's CLIP computes it. The toy encoder's output row at a position
@@ -341,8 +341,7 @@ class CompactContext:
                 self.token_rows.setdefault(t, full[p])
             return full, toks
         if self.verified < self.VERIFY:
-            real = [t[0] for t in self.clip.tokenize(cap)["l"][0]]
-            if real != toks:
+            if self._tokenize(cap) != toks:
                 raise AssertionError(f"word-composed tokens differ from the tokenizer's for {cap!r}")
             got, full = torch.stack([self.token_rows[t] for t in toks]), self.full([cap])[0]
             if not torch.equal(got, full):
