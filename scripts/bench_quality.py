@@ -40,21 +40,11 @@ from personalize.toyworld import scenes  # noqa: E402
 from personalize.toyworld.scorers import Scorers  # noqa: E402
 
 STEPS, CFG, SAMPLER, SCHEDULER = 20, 5.0, "euler", "normal"
+SIZE = tw_model.IMAGE_SIZE   # image size (px) of the toy model under test: set by main() from its weights
 
 
-def encode(clip, text):
-    import nodes
-
-    return nodes.CLIPTextEncode().encode(clip, text)[0]
-
-
-def generate(model, clip, vae, prompt, seed, n):
-    import nodes
-
-    pos, neg = encode(clip, prompt), encode(clip, "")
-    latent = {"samples": torch.zeros(n, 4, tw_model.LATENT_SIZE, tw_model.LATENT_SIZE)}
-    out = nodes.common_ksampler(model, seed, STEPS, CFG, SAMPLER, SCHEDULER, pos, neg, latent, denoise=1.0)[0]
-    return nodes.VAEDecode().decode(vae, out)[0].float().clamp(0, 1)
+def generate(model, clip, vae, prompt, seed, n, init=None, denoise=1.0):
+    return tw_model.generate(model, clip, vae, prompt, seed, n, SIZE, STEPS, CFG, SAMPLER, SCHEDULER, init, denoise)
 
 
 class Method:
@@ -99,7 +89,7 @@ class BootPIGReferenceAttention(Method):
     def prepare(self, model, clip, vae, subject, refs):
         imgs, masks = _refs_tensors(refs)
         ref = _node("PersonalizeBootPIGReferenceEncoder").encode(model, vae, imgs, mask=masks,
-                                                                 resolution=tw_model.IMAGE_SIZE, seed=0)[0]
+                                                                 resolution=SIZE, seed=0)[0]
         return _node("PersonalizeBootPIGRSAPatch").patch(model, ref)[0], clip
 
 
@@ -113,7 +103,7 @@ class PickAndDraw(Method):
     def prepare(self, model, clip, vae, subject, refs):
         imgs, masks = _refs_tensors(refs[:1])
         self.ref = _node("PersonalizePickAndDrawReference").encode(model, vae, imgs, mask=masks,
-                                                                   resolution=tw_model.IMAGE_SIZE)[0]
+                                                                   resolution=SIZE)[0]
         return model, clip
 
     def per_prompt(self, model, clip, prompt, subject):
@@ -136,10 +126,15 @@ class DreamBoothLoRA(Method):
     uses_token = True
     steps = 200
     lr = 5e-4
+    rank = 4
+    targets = "attention"
+    prior_weight = 1.0
+    te_lr = 0.0   # > 0: also train a LoRA on the text encoder at this learning rate
 
     @property
     def name(self):
-        return f"DreamBooth LoRA ({self.steps} steps, lr {self.lr:g}, rank 4)"
+        return (f"DreamBooth LoRA ({self.steps} steps, lr {self.lr:g}, rank {self.rank}, {self.targets}, "
+                f"prior {self.prior_weight:g}{f', text encoder lr {self.te_lr:g}' if self.te_lr else ''})")
 
     def available(self):
         return "PersonalizeDreamBoothLoRATrainer" in personalize.NODE_CLASS_MAPPINGS
@@ -150,8 +145,10 @@ class DreamBoothLoRA(Method):
             out = _node("PersonalizeDreamBoothLoRATrainer").train(
                 model, clip, vae, imgs, class_noun=subject.cls, instance_prompt="a photo of a sks {class}",
                 class_prompt="a photo of a {class}", num_class_images=8, steps=self.steps, learning_rate=self.lr,
-                resolution=tw_model.IMAGE_SIZE, seed=0, save_name=f"toybench_{subject.name}", overwrite=True,
-                resume=False, checkpoint_every=0, class_steps=20, class_cfg=5.0)
+                rank=self.rank, alpha=float(self.rank), targets=self.targets, prior_loss_weight=self.prior_weight,
+                train_text_encoder=self.te_lr > 0, text_encoder_lr=self.te_lr or 5e-6,
+                resolution=SIZE, seed=0, save_name=f"toybench_{subject.name}", overwrite=True,
+                resume=False, checkpoint_every=0, class_steps=STEPS, class_cfg=CFG, class_sampler=SAMPLER)
         return out[0], out[1]
 
 
@@ -162,7 +159,7 @@ METHODS = [NoPersonalization(), TokenOnly(), BootPIGReferenceAttention(), PickAn
 def real_renders(subject, prompts, seeds):
     """The subject drawn as each prompt asks: the ceiling."""
     assert prompts == scenes.dreambench_prompts(subject)
-    return torch.from_numpy(scenes.prompt_renders(subject, seeds))
+    return torch.from_numpy(scenes.prompt_renders(subject, seeds, SIZE))
 
 
 def main(argv=None):
@@ -174,19 +171,34 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=None, help="comma-separated substrings of method names to run (default all)")
     ap.add_argument("--dreambooth-steps", type=int, default=DreamBoothLoRA.steps)
+    ap.add_argument("--dreambooth-lr", type=float, default=DreamBoothLoRA.lr)
+    ap.add_argument("--dreambooth-rank", type=int, default=DreamBoothLoRA.rank)
+    ap.add_argument("--dreambooth-targets", default=DreamBoothLoRA.targets, help="attention | transformer")
+    ap.add_argument("--dreambooth-prior-weight", type=float, default=DreamBoothLoRA.prior_weight)
+    ap.add_argument("--dreambooth-text-encoder-lr", type=float, default=DreamBoothLoRA.te_lr,
+                    help="> 0: DreamBooth also trains a text-encoder LoRA at this learning rate")
+    ap.add_argument("--denoise", default="1",
+                    help="comma-separated denoise levels: below 1 a method's images start from the subject's own "
+                         "renders (the ceiling row's images) noised to that level (img2img), one row per level: where "
+                         "a method loses the subject along the noise schedule")
+    ap.add_argument("--weights", default=tw_model.WEIGHTS_DIR,
+                    help="the toy model's folder (unet, vae, scorers .safetensors), e.g. weights/toyworld-v2-staging; "
+                         "its image size comes from the UNet's recipe")
     a = ap.parse_args(argv)
+    global SIZE
+    SIZE = tw_model.image_size(a.weights)
     torch.set_num_threads(a.threads)
     n_subj = a.subjects or (4 if a.quick else len(scenes.SUBJECTS))
     seeds = a.seeds or (1 if a.quick else 2)
     subjects = [scenes.SUBJECTS[i * len(scenes.SUBJECTS) // n_subj] for i in range(n_subj)]
-    sc = Scorers()
-    model, clip, vae = tw_model.load()
+    sc = Scorers(str(Path(a.weights) / "scorers.safetensors"))
+    model, clip, vae = tw_model.load(a.weights)
     rows, grid = [], []
 
     def score(name, per_subject_images, secs):
         sf, pc, pb = [], [], []
         for subj, imgs in per_subject_images:
-            refs = torch.from_numpy(np.stack([r[0] for r in scenes.subject_references(subj)]))
+            refs = torch.from_numpy(np.stack([r[0] for r in scenes.subject_references(subj, size=SIZE)]))
             prompts = scenes.dreambench_prompts(subj)
             sf.append(sc.subject_fidelity(imgs, refs))
             pf = sc.prompt_fidelity(imgs, [p["cls"] for p in prompts for _ in range(seeds)],
@@ -208,30 +220,39 @@ def main(argv=None):
         other.append((s, real_renders(twin, scenes.dreambench_prompts(s), seeds)))
     score("real renders of another subject of the class", other, None)
     grid.append(("real", real[0][1]))
-    DreamBoothLoRA.steps = a.dreambooth_steps
+    DreamBoothLoRA.steps, DreamBoothLoRA.lr, DreamBoothLoRA.rank = a.dreambooth_steps, a.dreambooth_lr, a.dreambooth_rank
+    DreamBoothLoRA.targets, DreamBoothLoRA.prior_weight = a.dreambooth_targets, a.dreambooth_prior_weight
+    DreamBoothLoRA.te_lr = a.dreambooth_text_encoder_lr
     wanted = [w.strip().lower() for w in a.methods.split(",")] if a.methods else None
+    levels = sorted((float(d) for d in a.denoise.split(",")), reverse=True)
+    if any(not 0 < d <= 1 for d in levels):
+        raise SystemExit(f"--denoise: levels in (0, 1] expected, got {a.denoise}")
     for m in METHODS:
         if not m.available() or (wanted and not any(w in m.name.lower() for w in wanted)):
             continue
-        t0, n_img, per = time.time(), 0, []
-        for s in subjects:
-            refs = scenes.subject_references(s)
+        t0, n_img, per = time.time(), 0, {d: [] for d in levels}
+        for s, (_, init) in zip(subjects, real):
+            refs = scenes.subject_references(s, size=SIZE)
             with torch.inference_mode():   # as ComfyUI runs nodes (a trainer turns it off for itself)
                 mm, cc = m.prepare(model, clip, vae, s, refs)
-            imgs = []
-            with torch.inference_mode():
-                for k, p in enumerate(scenes.dreambench_prompts(s)):
-                    seed = 1000 * scenes.SUBJECTS.index(s) + k
-                    prompt = p["prompt"] if m.uses_token else p["class_prompt"]
-                    imgs.append(generate(m.per_prompt(mm, cc, prompt, s), cc, vae, prompt, seed, seeds))
-            imgs = torch.cat(imgs)
-            n_img += imgs.shape[0]
-            per.append((s, imgs))
-        score(m.name, per, (time.time() - t0) / n_img)
-        grid.append((m.name, per[0][1]))
+            for d in levels:
+                imgs = []
+                with torch.inference_mode():
+                    for k, p in enumerate(scenes.dreambench_prompts(s)):
+                        seed = 1000 * scenes.SUBJECTS.index(s) + k
+                        prompt = p["prompt"] if m.uses_token else p["class_prompt"]
+                        imgs.append(generate(m.per_prompt(mm, cc, prompt, s), cc, vae, prompt, seed, seeds,
+                                             None if d >= 1 else init[k * seeds:(k + 1) * seeds], d))
+                imgs = torch.cat(imgs)
+                n_img += imgs.shape[0]
+                per[d].append((s, imgs))
+        for d in levels:
+            name = m.name if d >= 1 else f"{m.name}, from the subject's renders at denoise {d:g}"
+            score(name, per[d], (time.time() - t0) / n_img if len(levels) == 1 else None)
+            grid.append((name, per[d][0][1]))
     print()
     print(f"Toy DreamBench: {n_subj} subjects x 10 prompts x {seeds} seed(s), {STEPS} {SAMPLER} steps, cfg {CFG}, "
-          f"64x64, {torch.get_num_threads()} CPU threads")
+          f"{SIZE}x{SIZE}, {torch.get_num_threads()} CPU threads, weights {a.weights}")
     print()
     print("| method | subject fidelity (embedder cos) | prompt fidelity | class acc | background acc | s / image |")
     print("|---|---|---|---|---|---|")

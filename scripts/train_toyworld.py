@@ -868,24 +868,18 @@ def unet_check(unet_path, vae_path, scorers_path, seeds=1, steps=20, cfg_scale=5
     """Base generations of the class prompts 'a photo of a <class> <background>' (6 classes x 6 backgrounds x
     ``seeds``, ComfyUI's KSampler: euler, normal, 20 steps, cfg 5; seed 100 * class + 10 * background + k), scored
     by the scorers' class and background heads: (images [N, H, W, 3], class accuracy, background accuracy)."""
-    import nodes
     from safetensors.torch import load_file
 
     from personalize.toyworld.scorers import Scorers
 
     model = tw_model.build_unet(load_file(str(unet_path)), unet_config=tw_model.UNET_CONFIG_V2)
     clip, vae = tw_model.build_clip(), tw_model.build_vae(load_file(str(vae_path)))
-    neg = nodes.CLIPTextEncode().encode(clip, "")[0]
-    latent = CONFIG["unet"]["size"] // 8
     imgs, cls, bgs = [], [], []
     for ci, c in enumerate(scenes.CLASSES):
         for bi, (b, phrase) in enumerate(scenes.BACKGROUNDS.items()):
-            pos = nodes.CLIPTextEncode().encode(clip, f"a photo of a {c} {phrase}")[0]
             for k in range(seeds):
-                lat = {"samples": torch.zeros(1, 4, latent, latent)}
-                s = nodes.common_ksampler(model, 100 * ci + 10 * bi + k, steps, cfg_scale, "euler", "normal", pos, neg,
-                                          lat, denoise=1.0)[0]
-                imgs.append(nodes.VAEDecode().decode(vae, s)[0].float().clamp(0, 1))
+                imgs.append(tw_model.generate(model, clip, vae, f"a photo of a {c} {phrase}", 100 * ci + 10 * bi + k,
+                                              size=CONFIG["unet"]["size"], steps=steps, cfg=cfg_scale))
                 cls.append(c)
                 bgs.append(b)
     imgs = torch.cat(imgs)

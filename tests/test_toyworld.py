@@ -358,6 +358,21 @@ def test_staged_v2_vae_round_trip_keeps_the_subjects(scorers):
     assert fid.mean() >= 0.75 and fid.min() >= 0.6       # measured: mean 0.860, worst 0.678
 
 
+def test_loader_builds_the_unet_of_the_size_its_weights_were_trained_at():
+    """``load(dir)`` reads the image size from the UNet file's recipe: the shipped v1 set is 64 px (2 heads), world
+    v2's staged set 128 px (4 heads, 16x16 latents); a size with no config is refused, naming it."""
+    assert tw_model.image_size(tw_model.WEIGHTS_DIR) == 64
+    assert tw_model.image_size(tw_model.V2_WEIGHTS_DIR) == 128
+    model, clip, vae = tw_model.load(tw_model.V2_WEIGHTS_DIR)
+    attn = model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1
+    assert attn.heads == 4 and model.model.model_config.unet_config["image_size"] == 16
+    with torch.inference_mode():
+        img = tw_model.generate(model, clip, vae, "a photo of a star on the beach", seed=3, size=128, steps=4)
+    assert img.shape == (1, 128, 128, 3) and torch.isfinite(img).all()
+    with pytest.raises(ValueError, match="96 px"):
+        tw_model.unet_config_for(96)
+
+
 def test_trained_model_prompts_are_recognizable(toy, scorers):
     """A prompt's class and background are recognized by the scorers in images the trained model generates."""
     if not TRAINED:

@@ -128,13 +128,54 @@ def weights_present(weights_dir: str = WEIGHTS_DIR) -> bool:
     return all(os.path.isfile(os.path.join(weights_dir, f)) for f in ("unet.safetensors", "vae.safetensors"))
 
 
+def image_size(weights_dir: str = WEIGHTS_DIR) -> int:
+    """The image size (px) the toy UNet in ``weights_dir`` was trained at: the ``size`` of the recipe in its metadata
+    (128 for world v2); 64 for the v1 files, which predate the key."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(weights_dir, "unet.safetensors"), "pt") as f:
+        meta = f.metadata() or {}
+    return int(json.loads(meta.get("config", "{}")).get("size", IMAGE_SIZE))
+
+
+def unet_config_for(size: int) -> dict:
+    """The UNet config of the toy model trained at ``size`` px: world v1 (64) or world v2 (128)."""
+    configs = {IMAGE_SIZE: UNET_CONFIG, 128: UNET_CONFIG_V2}
+    if size not in configs:
+        raise ValueError(f"toy world: no UNet config for {size} px images (known: {sorted(configs)})")
+    return configs[size]
+
+
 def load(weights_dir: str = WEIGHTS_DIR):
-    """(MODEL, CLIP, VAE) of the trained toy world, as real ComfyUI objects."""
+    """(MODEL, CLIP, VAE) of the trained toy world in ``weights_dir``, as real ComfyUI objects (the UNet's config
+    follows the size it was trained at, ``image_size``)."""
     from safetensors.torch import load_file
 
-    unet = build_unet(load_file(os.path.join(weights_dir, "unet.safetensors")))
+    unet = build_unet(load_file(os.path.join(weights_dir, "unet.safetensors")),
+                      unet_config=unet_config_for(image_size(weights_dir)))
     vae = build_vae(load_file(os.path.join(weights_dir, "vae.safetensors")))
     return unet, build_clip(), vae
+
+
+def generate(model, clip, vae, prompt: str, seed: int, n: int = 1, size: int = IMAGE_SIZE, steps: int = 20,
+             cfg: float = 5.0, sampler: str = "euler", scheduler: str = "normal", init: torch.Tensor | None = None,
+             denoise: float = 1.0) -> torch.Tensor:
+    """n images [n, size, size, 3] in [0, 1] of ``prompt`` (empty negative prompt), as a ComfyUI workflow makes them:
+    CLIPTextEncode, Empty Latent (or VAEEncode of ``init`` images [n, size, size, 3] for img2img at ``denoise``),
+    KSampler (seed, steps, cfg, sampler, scheduler), VAEDecode. The toy world's one sampling path: the quality bench
+    and the training script's checks both call it."""
+    import nodes
+
+    pos = nodes.CLIPTextEncode().encode(clip, prompt)[0]
+    neg = nodes.CLIPTextEncode().encode(clip, "")[0]
+    if init is None:
+        latent = {"samples": torch.zeros(n, 4, size // 8, size // 8)}
+    else:
+        latent = nodes.VAEEncode().encode(vae, init)[0]
+    out = nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, pos, neg, latent, denoise=denoise)[0]
+    return nodes.VAEDecode().decode(vae, out)[0].float().clamp(0, 1)
 
 
 def load_random(seed: int = 0):
