@@ -110,6 +110,12 @@ class DreamBoothLoRATrainer:
                 "class_sampler": (_samplers(), {"default": "euler_ancestral",
                                                 "tooltip": "Sampler of the class images (the paper samples the "
                                                            "frozen model with an ancestral sampler)."}),
+                "loss_weighting": (list(dreambooth.LOSS_WEIGHTINGS), {
+                    "default": "none",
+                    "tooltip": "Weight of each noise level in the loss. none: all alike (diffusers, kohya default). "
+                               "min_snr_5: Min-SNR-5, less weight on the low-noise steps. debiased: kohya's debiased "
+                               "estimation, more weight on the high-noise steps, where layout and colours are "
+                               "decided."}),
             },
         }
 
@@ -127,7 +133,7 @@ class DreamBoothLoRATrainer:
               learning_rate=1e-4, steps=500, batch_size=1, resolution=512, seed=0, save_name="dreambooth_sks_dog",
               overwrite=False, resume=True, checkpoint_every=100, train_text_encoder=False, text_encoder_lr=5e-6,
               targets="attention", gradient_checkpointing=False, training_dtype="auto", class_steps=50,
-              class_cfg=7.5, class_sampler="euler_ancestral"):
+              class_cfg=7.5, class_sampler="euler_ancestral", loss_weighting="none"):
         import comfy.model_management
         import comfy.sd
 
@@ -143,7 +149,7 @@ class DreamBoothLoRATrainer:
             train_text_encoder=bool(train_text_encoder), targets=targets,
             gradient_checkpointing=bool(gradient_checkpointing), training_dtype=training_dtype,
             checkpoint_every=int(checkpoint_every), class_steps=int(class_steps), class_cfg=float(class_cfg),
-            class_sampler=class_sampler)
+            class_sampler=class_sampler, loss_weighting=loss_weighting)
         dreambooth.validate_config(cfg)
         name = dreambooth.sanitize_save_name(save_name)
         path = dreambooth.save_path_for(_loras_dir(), name, bool(overwrite))

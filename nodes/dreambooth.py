@@ -38,6 +38,7 @@ from . import introspect, lora
 from .trainable import out_of_place_clip
 from .images import prepare_pixels  # noqa: F401  (re-exported: the CLI and tests use dreambooth.prepare_pixels)
 from .errors import InputError, require
+from .forward_process import LOSS_WEIGHTINGS
 from .training_engine import (TRAINING_DTYPES, fingerprint, optimizer_description, sanitize_save_name,  # noqa: F401
                               save_file, save_path_for)
 from .validation import check_image
@@ -82,6 +83,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     grad_accumulation: int = 1  # micro-batches per optimizer step: the global batch is batch_size x world x this
+    loss_weighting: str = "none"  # forward_process.LOSS_WEIGHTINGS: per-row MSE weight by noise level
 
 
 @dataclass
@@ -147,6 +149,7 @@ def validate_config(cfg: TrainConfig) -> None:
     require(cfg.checkpoint_every >= 0, "checkpoint_every", "0 (only on interrupt) or a number of steps",
             cfg.checkpoint_every)
     require(cfg.grad_accumulation >= 1, "grad_accumulation", "at least 1", cfg.grad_accumulation)
+    require(cfg.loss_weighting in LOSS_WEIGHTINGS, "loss_weighting", f"one of {LOSS_WEIGHTINGS}", cfg.loss_weighting)
     require("{class}" not in cfg.instance_prompt and "{class}" not in cfg.class_prompt, "instance_prompt",
             "prompts with {class} already filled in", cfg.instance_prompt)
 
@@ -250,10 +253,12 @@ class DreamBoothStep(torch.nn.Module):
     """The engine's module: the UNet (frozen weights aliased, LoRA wrappers) called through ComfyUI's own model path
     (``training_engine.UNetCall``), plus the optional text-encoder copy with LoRA. ``forward(batch)`` is the loss of
     a batch of ``n_inst`` instance rows followed by ``n_cls`` class rows (diffusers' pairing, DreamBooth Eq. 2):
-    ``MSE(instance) + prior_loss_weight * MSE(class)``, on the model's own target (eps or v)."""
+    ``MSE(instance) + prior_loss_weight * MSE(class)``, on the model's own target (eps or v); with a
+    ``loss_weighting`` other than "none" each row's MSE is weighted by its noise level
+    (``forward_process.loss_weight``) before the mean."""
 
     def __init__(self, base_model, unet, te, texts, fixed, family, resolution, clip_layer=None,
-                 prior_loss_weight: float = 1.0):
+                 prior_loss_weight: float = 1.0, loss_weighting: str = "none"):
         super().__init__()
         from .training_engine import UNetCall
 
@@ -267,6 +272,7 @@ class DreamBoothStep(torch.nn.Module):
         self.resolution = resolution
         self.clip_layer = clip_layer
         self.prior_loss_weight = float(prior_loss_weight)
+        self.loss_weighting = loss_weighting
 
     def _encode(self, which: str):
         if self.te is None:
@@ -303,9 +309,17 @@ class DreamBoothStep(torch.nn.Module):
         pred = self.predict(fp.noisy(ms, sigma, x0, noise), sigma, batch["n_inst"], batch["n_cls"]).float()
         target = fp.target(ms, sigma, x0, noise)
         n_inst, n_cls = batch["n_inst"], batch["n_cls"]
-        inst = torch.nn.functional.mse_loss(pred[:n_inst], target[:n_inst])
+        if self.loss_weighting == "none":
+            def mse(a, b, _):
+                return torch.nn.functional.mse_loss(a, b)
+        else:
+            w = fp.loss_weight(ms, sigma, self.loss_weighting).to(pred.dtype)
+
+            def mse(a, b, rows):
+                return (((a - b) ** 2).mean(dim=tuple(range(1, a.ndim))) * w[rows]).mean()
+        inst = mse(pred[:n_inst], target[:n_inst], slice(0, n_inst))
         if n_cls:
-            prior = torch.nn.functional.mse_loss(pred[n_inst:], target[n_inst:])
+            prior = mse(pred[n_inst:], target[n_inst:], slice(n_inst, None))
             return {"loss": inst + self.prior_loss_weight * prior, "instance": inst, "prior": prior}
         return {"loss": inst, "instance": inst}
 
@@ -424,6 +438,8 @@ def _resume_signature(cfg: TrainConfig, family: str, world: int, data_fp: str) -
             "learning_rate", "text_encoder_lr", "resolution", "seed", "train_text_encoder", "targets",
             "training_dtype", "weight_decay", "max_grad_norm")
     sig = {k: getattr(cfg, k) for k in keep}
+    if cfg.loss_weighting != "none":   # (so that resume files written before the option existed stay valid)
+        sig["loss_weighting"] = cfg.loss_weighting
     sig.update(family=family, global_batch=cfg.batch_size * world * cfg.grad_accumulation, data=data_fp)
     return sig
 
@@ -460,7 +476,7 @@ def build_trainable(model, clip, cfg: TrainConfig, names: dict, te_names: dict, 
         fixed = {k: (c.float().clone(), None if p is None else p.float().clone()) for k, (c, p) in conds.items()}
         step_mod = DreamBoothStep(bm, unet, te, tokens, fixed, fam, cfg.resolution,
                                   getattr(clip, "layer_idx", None) if clip is not None else None,
-                                  cfg.prior_loss_weight)
+                                  cfg.prior_loss_weight, cfg.loss_weighting)
     modules = dict(unet_mods)
     modules.update(te_mods)
     params_unet = [p for m in unet_mods.values() for p in (m.lora_down, m.lora_up)]
@@ -575,6 +591,8 @@ def training_metadata(cfg: TrainConfig, family: str, world: int, name: str, resu
         "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
         "ss_seed": str(cfg.seed),
         "ss_prior_loss_weight": str(cfg.prior_loss_weight),
+        "ss_min_snr_gamma": "5" if cfg.loss_weighting == "min_snr_5" else "None",
+        "ss_debiased_estimation": str(cfg.loss_weighting == "debiased"),
         "ss_num_reg_images": str(cfg.num_class_images if cfg.prior_loss_weight > 0 else 0),
         "ss_mixed_precision": cfg.training_dtype,
         "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),

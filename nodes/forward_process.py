@@ -13,6 +13,9 @@ at a noise level ``sigma`` make the noisy latent (``noise_scaling``), what the n
 - the network itself is called through the model's ``apply_model`` path (``calculate_input``, ``timestep``, the
   model's ``extra_conds`` for SDXL's ``y``), see ``training_engine.UNetCall``.
 
+- ``loss_weight``: per-row weights of the MSE on that target by noise level (none; Min-SNR-gamma, Hang et al. 2023;
+  kohya's debiased estimation, Yu et al. 2024), from the SNR of ``noise_scaling``.
+
 ``seeded_noise`` is the one formula for deterministic noise per (seed, sigma) the guidance engines use to bring a
 reference latent to a step's noise level.
 """
@@ -83,3 +86,35 @@ def training_sigmas(model_sampling) -> torch.Tensor:
 def sample_timesteps(model_sampling, n: int, generator: torch.Generator) -> torch.Tensor:
     """t ~ U{0..T-1} per row (the DDPM training distribution), from a seeded generator."""
     return torch.randint(0, int(model_sampling.sigmas.shape[0]), (n,), generator=generator)
+
+
+# per-row loss weightings of the MSE on the model's own target (eps or v), by the row's signal-to-noise ratio:
+# - "none": every noise level alike (DDPM, diffusers' and kohya's default);
+# - "min_snr_5": Min-SNR-gamma with gamma 5 (Hang et al. 2023): min(SNR, 5) / SNR for eps, min(SNR, 5) / (SNR + 1)
+#   for v; the low-noise levels stop dominating;
+# - "debiased": kohya's --debiased_estimation_loss (Yu et al. 2024): 1 / sqrt(SNR) for eps, 1 / (SNR + 1) for v, SNR
+#   clipped at 1000; the high-noise levels, where an image's layout and colours are decided, weigh more.
+LOSS_WEIGHTINGS = ("none", "min_snr_5", "debiased")
+
+
+def snr(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio (n_x0 / n_eps)^2 of ``noise_scaling`` at each sigma (1 / sigma^2 for eps and v models)."""
+    c = coefficients(model_sampling, sigma.reshape(-1), sigma.reshape(-1))
+    return (c["n_x0"] / c["n_eps"]) ** 2
+
+
+def loss_weight(model_sampling, sigma: torch.Tensor, kind: str = "none") -> torch.Tensor:
+    """Per-row weight [B] of the MSE on ``target`` under the weighting ``kind`` (LOSS_WEIGHTINGS). The model's target
+    decides the formula: eps when ``calculate_denoised`` is x - sigma * out (c_skip 1), v otherwise."""
+    sig = sigma.reshape(-1)
+    if kind == "none":
+        return torch.ones_like(sig)
+    if kind not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss weighting: one of {LOSS_WEIGHTINGS} expected, got {kind!r}")
+    c = coefficients(model_sampling, sig, sig)
+    r = snr(model_sampling, sig)
+    eps = bool(torch.allclose(c["c_skip"], torch.ones_like(c["c_skip"])))
+    if kind == "min_snr_5":
+        return torch.clamp(r, max=5.0) / (r if eps else r + 1)
+    r = torch.clamp(r, max=1000.0)
+    return 1 / r.sqrt() if eps else 1 / (r + 1)

@@ -4,6 +4,8 @@ on the toy world's trained model, with fixed seeds. Offline, CPU is enough.
     .venv/bin/python scripts/bench_quality.py            # 12 subjects x 10 prompts x 2 seeds
     .venv/bin/python scripts/bench_quality.py --quick    # 4 subjects x 10 prompts x 1 seed
     .venv/bin/python scripts/bench_quality.py --save-grid out.png   # also a grid of generations to look at
+    .venv/bin/python scripts/bench_quality.py --weights weights/toyworld-v2-staging   # another toy model folder
+    .venv/bin/python scripts/bench_quality.py --denoise 1,0.6,0.3   # also img2img from the subject's renders
 
 Rows:
 - real renders (ceiling): the subject drawn by the renderer as each prompt asks (like DreamBench's real-image row);
@@ -130,11 +132,14 @@ class DreamBoothLoRA(Method):
     targets = "attention"
     prior_weight = 1.0
     te_lr = 0.0   # > 0: also train a LoRA on the text encoder at this learning rate
+    class_images = 8
+    loss_weighting = "none"
 
     @property
     def name(self):
+        te = f", text encoder lr {self.te_lr:g}" if self.te_lr else ""
         return (f"DreamBooth LoRA ({self.steps} steps, lr {self.lr:g}, rank {self.rank}, {self.targets}, "
-                f"prior {self.prior_weight:g}{f', text encoder lr {self.te_lr:g}' if self.te_lr else ''})")
+                f"prior {self.prior_weight:g} x {self.class_images} images, loss weighting {self.loss_weighting}{te})")
 
     def available(self):
         return "PersonalizeDreamBoothLoRATrainer" in personalize.NODE_CLASS_MAPPINGS
@@ -144,9 +149,11 @@ class DreamBoothLoRA(Method):
         with torch.inference_mode(False):
             out = _node("PersonalizeDreamBoothLoRATrainer").train(
                 model, clip, vae, imgs, class_noun=subject.cls, instance_prompt="a photo of a sks {class}",
-                class_prompt="a photo of a {class}", num_class_images=8, steps=self.steps, learning_rate=self.lr,
+                class_prompt="a photo of a {class}", num_class_images=self.class_images, steps=self.steps,
+                learning_rate=self.lr,
                 rank=self.rank, alpha=float(self.rank), targets=self.targets, prior_loss_weight=self.prior_weight,
-                train_text_encoder=self.te_lr > 0, text_encoder_lr=self.te_lr or 5e-6,
+                loss_weighting=self.loss_weighting, train_text_encoder=self.te_lr > 0,
+                text_encoder_lr=self.te_lr or 5e-6,
                 resolution=SIZE, seed=0, save_name=f"toybench_{subject.name}", overwrite=True,
                 resume=False, checkpoint_every=0, class_steps=STEPS, class_cfg=CFG, class_sampler=SAMPLER)
         return out[0], out[1]
@@ -175,6 +182,9 @@ def main(argv=None):
     ap.add_argument("--dreambooth-rank", type=int, default=DreamBoothLoRA.rank)
     ap.add_argument("--dreambooth-targets", default=DreamBoothLoRA.targets, help="attention | transformer")
     ap.add_argument("--dreambooth-prior-weight", type=float, default=DreamBoothLoRA.prior_weight)
+    ap.add_argument("--dreambooth-class-images", type=int, default=DreamBoothLoRA.class_images)
+    ap.add_argument("--dreambooth-loss-weighting", default=DreamBoothLoRA.loss_weighting,
+                    help="none | min_snr_5 | debiased")
     ap.add_argument("--dreambooth-text-encoder-lr", type=float, default=DreamBoothLoRA.te_lr,
                     help="> 0: DreamBooth also trains a text-encoder LoRA at this learning rate")
     ap.add_argument("--denoise", default="1",
@@ -210,7 +220,8 @@ def main(argv=None):
         row["prompt"] = (row["class"] + row["background"]) / 2
         rows.append(row)
         print(f"{name:55s} subject {row['subject']:.3f}  prompt {row['prompt']:.3f} (class {row['class']:.2f}, "
-              f"background {row['background']:.2f})  {'' if secs is None else f'{secs:.3f} s/img'}", flush=True)
+              f"background {row['background']:.2f})  {'' if secs is None else f'{secs:.3f} s/img'}\n    per subject: "
+              + " ".join(f"{subj.name} {f:.2f}" for (subj, _), f in zip(per_subject_images, sf)), flush=True)
 
     real = [(s, real_renders(s, scenes.dreambench_prompts(s), seeds)) for s in subjects]
     score("real renders (ceiling)", real, None)
@@ -220,9 +231,11 @@ def main(argv=None):
         other.append((s, real_renders(twin, scenes.dreambench_prompts(s), seeds)))
     score("real renders of another subject of the class", other, None)
     grid.append(("real", real[0][1]))
-    DreamBoothLoRA.steps, DreamBoothLoRA.lr, DreamBoothLoRA.rank = a.dreambooth_steps, a.dreambooth_lr, a.dreambooth_rank
+    DreamBoothLoRA.steps, DreamBoothLoRA.lr = a.dreambooth_steps, a.dreambooth_lr
+    DreamBoothLoRA.rank = a.dreambooth_rank
     DreamBoothLoRA.targets, DreamBoothLoRA.prior_weight = a.dreambooth_targets, a.dreambooth_prior_weight
-    DreamBoothLoRA.te_lr = a.dreambooth_text_encoder_lr
+    DreamBoothLoRA.te_lr, DreamBoothLoRA.class_images = a.dreambooth_text_encoder_lr, a.dreambooth_class_images
+    DreamBoothLoRA.loss_weighting = a.dreambooth_loss_weighting
     wanted = [w.strip().lower() for w in a.methods.split(",")] if a.methods else None
     levels = sorted((float(d) for d in a.denoise.split(",")), reverse=True)
     if any(not 0 < d <= 1 for d in levels):

@@ -20,6 +20,11 @@ if __package__ in (None, ""):
 
 from . import host
 
+# TrainConfig fields that are command-line options (--num-class-images ...), with TrainConfig's defaults
+CONFIG_OPTIONS = ("num_class_images", "prior_loss_weight", "rank", "alpha", "learning_rate", "text_encoder_lr", "steps",
+                  "batch_size", "resolution", "seed", "checkpoint_every", "class_steps", "class_cfg", "class_sampler",
+                  "class_scheduler", "class_batch", "training_dtype", "targets", "grad_accumulation", "loss_weighting")
+
 
 def parse_args(argv=None):
     from dataclasses import fields
@@ -42,9 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--no-resume", action="store_true", help="ignore a .resume checkpoint of that name")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
     defaults = {f.name: f.default for f in fields(_config_class())}
-    for name in ("num_class_images", "prior_loss_weight", "rank", "alpha", "learning_rate", "text_encoder_lr",
-                 "steps", "batch_size", "resolution", "seed", "checkpoint_every", "class_steps", "class_cfg",
-                 "class_sampler", "class_scheduler", "class_batch", "training_dtype", "targets", "grad_accumulation"):
+    for name in CONFIG_OPTIONS:
         d = defaults[name]
         p.add_argument("--" + name.replace("_", "-"), type=type(d), default=d, help=f"default: {d}")
     p.add_argument("--train-text-encoder", action="store_true")
@@ -77,11 +80,7 @@ def main(argv=None) -> int:
             instance_prompt=dreambooth.fill_class(a.instance_prompt, a.class_noun),
             class_prompt=dreambooth.fill_class(a.class_prompt, a.class_noun),
             train_text_encoder=a.train_text_encoder, gradient_checkpointing=a.gradient_checkpointing,
-            **{k: getattr(a, k) for k in ("num_class_images", "prior_loss_weight", "rank", "alpha", "learning_rate",
-                                          "text_encoder_lr", "steps", "batch_size", "resolution", "seed",
-                                          "checkpoint_every", "class_steps", "class_cfg", "class_sampler",
-                                          "class_scheduler", "class_batch", "training_dtype", "targets",
-                                          "grad_accumulation")})
+            **{k: getattr(a, k) for k in CONFIG_OPTIONS})
         dreambooth.validate_config(cfg)
         path = dreambooth.save_path_for(out_dir, a.save_name, a.overwrite)
         images = dreambooth.load_image_dir(a.images, "--images")

@@ -266,6 +266,42 @@ def test_prior_weight_zero_class_batch_has_no_effect_on_gradient(mods):
     assert lp1a != pytest.approx(lp1b, rel=1e-3)
 
 
+def test_loss_weighting_weights_each_rows_mse_by_its_noise_level(mods):
+    """A step's loss under a loss weighting is the mean of each row's plain MSE times the weight of its noise level
+    (forward_process.loss_weight); "none" is the plain mean; the class rows are weighted the same way."""
+    from personalize.nodes import dreambooth
+    from personalize.nodes import forward_process as fp
+
+    m, c, _ = mods
+    names = dreambooth.unet_layer_names(m, "attention")
+    with torch.inference_mode():
+        conds = {k: dreambooth.encode_prompt(c, p)[:2] for k, p in (("inst", PROMPTS["instance_prompt"]),
+                                                                    ("cls", PROMPTS["class_prompt"]))}
+    ms = m.get_model_object("model_sampling")
+    sigmas = ms.sigmas.float()
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([40, 950, 300, 700])
+    batch = {"x0": x0, "noise": noise, "t": t, "sigma": sigmas[t], "n_inst": 2, "n_cls": 2}
+    with torch.inference_mode(False), torch.no_grad():
+        step = dreambooth.build_trainable(m, None, cfg(rank=4), names, {}, conds, {}, None)[0]
+        pred = step.predict(fp.noisy(ms, sigmas[t], x0, noise), sigmas[t], 2, 2).double()
+        rows = ((pred - fp.target(ms, sigmas[t], x0, noise).double()) ** 2).mean(dim=(1, 2, 3))   # plain, per row
+        for kind in fp.LOSS_WEIGHTINGS:
+            s = dreambooth.build_trainable(m, None, cfg(rank=4, loss_weighting=kind), names, {}, conds, {}, None)[0]
+            out = s(batch)
+            w = fp.loss_weight(ms, sigmas[t].double(), kind)
+            want = rows * w
+            assert float(out["instance"]) == pytest.approx(float(want[:2].mean()), rel=1e-4)
+            assert float(out["prior"]) == pytest.approx(float(want[2:].mean()), rel=1e-4)
+            if kind == "none":
+                assert float(out["instance"]) == pytest.approx(float(rows[:2].mean()), rel=1e-4)
+    from personalize.nodes.errors import InputError
+
+    with pytest.raises(InputError, match="loss_weighting"):
+        dreambooth.validate_config(cfg(loss_weighting="snr"))
+
+
 def test_trainer_holds_no_second_copy_of_the_frozen_unet(mods):
     """Every frozen UNet weight of the training step is the model's own storage (the fixture's weights start as
     inference tensors, as ComfyUI loads them; after other tests' LoRA patching ComfyUI 0.33 may have put normal

@@ -100,3 +100,29 @@ def test_warmup_and_schedule_come_from_lr_scheduler():
         opt.step()
         sched.step()
     assert lrs == [0.25, 0.5, 0.75, 1.0]
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_loss_weights_match_their_formulas_in_float64(prediction):
+    """forward_process.loss_weight against the published formulas, with the SNR computed from SD1.5's own schedule
+    (scaled-linear betas 0.00085..0.012, 1000 steps) in float64, independent of ComfyUI's tables."""
+    ms = float64_model("sd15", prediction).model.model_sampling
+    t = torch.tensor([0, 1, 20, 150, 500, 999])
+    sigma = fp.training_sigmas(ms).double()[t]
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    acp = torch.cumprod(1 - betas, 0)[t]
+    snr = acp / (1 - acp)
+    torch.testing.assert_close(fp.snr(ms, sigma), snr, rtol=1e-5, atol=0)
+    if prediction == "eps":
+        want = {"min_snr_5": snr.clamp(max=5) / snr, "debiased": snr.clamp(max=1000) ** -0.5}
+    else:
+        want = {"min_snr_5": snr.clamp(max=5) / (snr + 1), "debiased": 1 / (snr.clamp(max=1000) + 1)}
+    want["none"] = torch.ones_like(snr)
+    assert set(want) == set(fp.LOSS_WEIGHTINGS)
+    for kind, w in want.items():
+        torch.testing.assert_close(fp.loss_weight(ms, sigma, kind), w, rtol=1e-5, atol=0)
+    # debiased weighs the noisiest level far above the cleanest one; Min-SNR never above 1
+    assert fp.loss_weight(ms, sigma, "debiased")[-1] > 100 * fp.loss_weight(ms, sigma, "debiased")[0]
+    assert float(fp.loss_weight(ms, sigma, "min_snr_5").max()) <= 1.0 + 1e-12
+    with pytest.raises(ValueError, match="loss weighting"):
+        fp.loss_weight(ms, sigma, "snr")
