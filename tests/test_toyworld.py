@@ -221,6 +221,40 @@ def test_min_snr_weight_against_float64():
     assert torch.allclose(w.double(), torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr, rtol=1e-5)
     assert (w[snr <= 5] == 1).all() and (w[:50] < 1).all() and w[0] < 0.01
     assert torch.equal(tt.snr_weight(ab, {"min_snr": 0}), torch.ones_like(ab))
+    assert torch.equal(tt.snr_weight(ab, {"min_snr": 5.0, "high_noise_cap": 0}), w)
+
+
+def test_amp_auto_uses_bf16_only_where_the_device_has_it_natively(monkeypatch):
+    """amp "auto": bf16 autocast on a CPU whose flags include avx512_bf16 (or amx_bf16), fp32 on an AVX2-only one
+    (where emulated bf16 is slower than fp32); "bf16" and "" force it; anything else is refused by name."""
+    from pathlib import Path
+
+    tt = _train_module()
+    cpu = torch.device("cpu")
+    for flags, want in (("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 amx_bf16", True), ("fpu avx2 fma", False)):
+        monkeypatch.setattr(Path, "read_text", lambda self, *a, _f=flags, **k: f"flags\t: {_f}\n")
+        assert tt.native_bf16(cpu) is want
+        assert tt.use_bf16(cpu, {"amp": "auto"}) is want
+        assert tt.use_bf16(cpu, {"amp": "bf16"}) is True and tt.use_bf16(cpu, {"amp": ""}) is False
+        with tt.autocast(cpu, {"amp": "auto"}):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if want else torch.float32)
+    with pytest.raises(SystemExit, match="amp='fp8'"):
+        tt.use_bf16(cpu, {"amp": "fp8"})
+
+
+def test_high_noise_weight_is_the_truncated_v_loss_weight_in_float64():
+    """high_noise_cap: the Min-SNR weight times min(1 + sigma^2, cap), sigma^2 = 1 / SNR, on the model's own
+    schedule against float64; it reaches the cap at high noise, stays near 1 at low noise, and never decreases
+    with the noise level."""
+    tt = _train_module()
+    bm = tw_model.model_config(tw_model.UNET_CONFIG_V2).get_model({})
+    ab = tt._alphas_cumprod(bm)
+    w = tt.snr_weight(ab, {"min_snr": 5.0, "high_noise_cap": 10.0}).double()
+    ab64 = ab.double()
+    snr = ab64 / (1 - ab64)
+    want = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr * torch.clamp(1 + 1 / snr, max=10.0)
+    assert torch.allclose(w, want, rtol=1e-5)
+    assert w[-1] == 10.0 and w[snr <= 5].min() >= 1.0 and (w[1:] >= w[:-1] - 1e-6).all()
 
 
 # ------------------------------------------------------------------------------------------------ model / loader
