@@ -112,7 +112,7 @@ def loss_weight(model_sampling, sigma: torch.Tensor, kind: str = "none") -> torc
     if kind not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss weighting: one of {LOSS_WEIGHTINGS} expected, got {kind!r}")
     c = coefficients(model_sampling, sig, sig)
-    r = snr(model_sampling, sig)
+    r = (c["n_x0"] / c["n_eps"]) ** 2   # snr(), from the coefficients already at hand
     eps = bool(torch.allclose(c["c_skip"], torch.ones_like(c["c_skip"])))
     if kind == "min_snr_5":
         return torch.clamp(r, max=5.0) / (r if eps else r + 1)
