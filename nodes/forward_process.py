@@ -14,7 +14,8 @@ at a noise level ``sigma`` make the noisy latent (``noise_scaling``), what the n
   model's ``extra_conds`` for SDXL's ``y``), see ``training_engine.UNetCall``.
 
 - ``loss_weight``: per-row weights of the MSE on that target by noise level (none; Min-SNR-gamma, Hang et al. 2023;
-  kohya's debiased estimation, Yu et al. 2024), from the SNR of ``noise_scaling``.
+  kohya's debiased estimation, Yu et al. 2024), from the SNR of ``noise_scaling``; ``min_snr_weight`` is the one
+  Min-SNR formula (also the toy world's base-model training uses it).
 
 ``seeded_noise`` is the one formula for deterministic noise per (seed, sigma) the guidance engines use to bring a
 reference latent to a step's noise level.
@@ -103,6 +104,17 @@ def snr(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
     return (c["n_x0"] / c["n_eps"]) ** 2
 
 
+def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, v_prediction: bool = False,
+                   high_noise_cap: float = 0.0) -> torch.Tensor:
+    """Min-SNR-gamma (Hang et al. 2023) per row from its SNR: min(SNR, gamma) / SNR for an eps target, / (SNR + 1) for
+    a v target. ``high_noise_cap`` > 0 multiplies it by min(1 + 1 / SNR, cap): the eps loss weighted toward the v /
+    x0 loss at high noise (where layout and colours are decided), truncated at the cap."""
+    w = torch.clamp(snr, max=gamma) / (snr + 1 if v_prediction else snr)
+    if high_noise_cap > 0:
+        w = w * torch.clamp(1 + 1 / snr, max=high_noise_cap)
+    return w
+
+
 def loss_weight(model_sampling, sigma: torch.Tensor, kind: str = "none") -> torch.Tensor:
     """Per-row weight [B] of the MSE on ``target`` under the weighting ``kind`` (LOSS_WEIGHTINGS). The model's target
     decides the formula: eps when ``calculate_denoised`` is x - sigma * out (c_skip 1), v otherwise."""
@@ -115,6 +127,6 @@ def loss_weight(model_sampling, sigma: torch.Tensor, kind: str = "none") -> torc
     r = (c["n_x0"] / c["n_eps"]) ** 2   # snr(), from the coefficients already at hand
     eps = bool(torch.allclose(c["c_skip"], torch.ones_like(c["c_skip"])))
     if kind == "min_snr_5":
-        return torch.clamp(r, max=5.0) / (r if eps else r + 1)
+        return min_snr_weight(r, 5.0, v_prediction=not eps)
     r = torch.clamp(r, max=1000.0)
     return 1 / r.sqrt() if eps else 1 / (r + 1)

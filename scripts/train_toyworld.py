@@ -453,13 +453,14 @@ def snr_weight(alpha_bar, cfg):
     """The weight of each sample's eps loss, SNR = alpha_bar / (1 - alpha_bar) = 1 / sigma^2: Min-SNR-gamma,
     min(SNR, gamma) / SNR (ones when the recipe's min_snr is 0), times min(1 + 1 / SNR, high_noise_cap) when that
     cap is set."""
+    from personalize.nodes.forward_process import min_snr_weight   # the pack's one Min-SNR formula
+
     snr = alpha_bar / (1 - alpha_bar)
     gamma = float(cfg.get("min_snr", 0.0))
-    w = snr.clamp(max=gamma) / snr if gamma > 0 else torch.ones_like(alpha_bar)
     cap = float(cfg.get("high_noise_cap", 0.0))
-    if cap > 0:
-        w = w * (1 + 1 / snr).clamp(max=cap)
-    return w
+    if gamma > 0:
+        return min_snr_weight(snr, gamma, high_noise_cap=cap)
+    return (1 + 1 / snr).clamp(max=cap) if cap > 0 else torch.ones_like(alpha_bar)
 
 
 def unet_inputs(vae_sd, e):
