@@ -897,8 +897,9 @@ def measure_vae(cfg, a, stop, dev):
 @torch.no_grad()
 def unet_check(unet_path, vae_path, scorers_path, seeds=1, steps=20, cfg_scale=5.0):
     """Base generations of the class prompts 'a photo of a <class> <background>' (6 classes x 6 backgrounds x
-    ``seeds``, ComfyUI's KSampler: euler, normal, 20 steps, cfg 5; seed 100 * class + 10 * background + k), scored
-    by the scorers' class and background heads: (images [N, H, W, 3], class accuracy, background accuracy)."""
+    ``seeds``, ComfyUI's KSampler: euler, normal, 20 steps, cfg ``cfg_scale``; seed 100 * class + 10 * background
+    + k), scored by the scorers' class and background heads: (images [N, H, W, 3], class accuracy, background
+    accuracy)."""
     from safetensors.torch import load_file
 
     from personalize.toyworld.scorers import Scorers
@@ -922,7 +923,8 @@ def measure_unet(cfg, a, stop, dev):
     out = Path(a.out)
     unet_path = Path(a.unet or out / "unet.safetensors")
     scorers_path = Path(a.scorers or out / "scorers.safetensors")
-    imgs, acc_c, acc_b = unet_check(unet_path, Path(a.vae or out / "vae.safetensors"), scorers_path, seeds=a.seeds)
+    imgs, acc_c, acc_b = unet_check(unet_path, Path(a.vae or out / "vae.safetensors"), scorers_path, seeds=a.seeds,
+                                     cfg_scale=a.cfg)
     if a.save_grid:
         from PIL import Image
 
@@ -932,7 +934,7 @@ def measure_unet(cfg, a, stop, dev):
         Image.fromarray((g.numpy() * 255).round().astype(np.uint8)).save(a.save_grid)
         log("grid (a row per class, a column per background x seed):", a.save_grid)
     print(f"UNet {unet_path}: {imgs.shape[0]} class-prompt images, scorer {scorers_path}: "
-          f"class {acc_c:.3f}, background {acc_b:.3f}")
+          f"cfg {a.cfg:g}, class {acc_c:.3f}, background {acc_b:.3f}")
 
 
 STAGES = {"vae": train_vae, "unet": train_unet, "scorers": train_scorers, "segmenter": train_segmenter,
@@ -969,6 +971,7 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=None, help="vae-ceiling, segmenter-eval: image size (default the recipe's)")
     ap.add_argument("--scorers", default=None, help="vae-ceiling: scorer file (default weights/toyworld's); "
                                                     "unet-check: default <out>/scorers.safetensors")
+    ap.add_argument("--cfg", type=float, default=5.0, help="unet-check: the guidance scale (default 5, the bench's)")
     ap.add_argument("--unet", default=None, help="unet-check: the UNet file (default <out>/unet.safetensors)")
     ap.add_argument("--seeds", type=int, default=2, help="vae-ceiling: renders per benchmark prompt; unet-check: "
                                                          "images per class x background prompt")
