@@ -42,6 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from personalize.toyworld import model as tw_model  # noqa: E402  (the pack, through its import root)
 from personalize.toyworld import scenes  # noqa: E402
+from personalize.nodes.forward_process import min_snr_weight  # noqa: E402  (the pack's one Min-SNR formula)
 
 STAGING_DIR = REPO / "weights" / "toyworld-v2-staging"
 CONFIG = {
@@ -453,14 +454,9 @@ def snr_weight(alpha_bar, cfg):
     """The weight of each sample's eps loss, SNR = alpha_bar / (1 - alpha_bar) = 1 / sigma^2: Min-SNR-gamma,
     min(SNR, gamma) / SNR (ones when the recipe's min_snr is 0), times min(1 + 1 / SNR, high_noise_cap) when that
     cap is set."""
-    from personalize.nodes.forward_process import min_snr_weight   # the pack's one Min-SNR formula
-
     snr = alpha_bar / (1 - alpha_bar)
-    gamma = float(cfg.get("min_snr", 0.0))
-    cap = float(cfg.get("high_noise_cap", 0.0))
-    if gamma > 0:
-        return min_snr_weight(snr, gamma, high_noise_cap=cap)
-    return (1 + 1 / snr).clamp(max=cap) if cap > 0 else torch.ones_like(alpha_bar)
+    gamma = float(cfg.get("min_snr", 0.0))   # 0: no Min-SNR, i.e. gamma = inf (min(SNR, inf) / SNR = 1 exactly)
+    return min_snr_weight(snr, gamma if gamma > 0 else math.inf, high_noise_cap=float(cfg.get("high_noise_cap", 0.0)))
 
 
 def unet_inputs(vae_sd, e):
@@ -561,6 +557,7 @@ def train_unet(cfg, a, stop, dev):
         save(ema_sd, out / "unet.safetensors", meta)
 
     unet.train()
+    amp = autocast(dev, cfg)   # decided once (native_bf16 reads /proc/cpuinfo), entered every step
     while step < cfg["steps"] and not stop():
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
@@ -573,7 +570,7 @@ def train_unet(cfg, a, stop, dev):
         al = acp[t].view(-1, 1, 1, 1).to(dev)
         eps = torch.randn(x0.shape).to(dev)
         xt = al.sqrt() * x0 + (1 - al).sqrt() * eps
-        with autocast(dev, cfg):
+        with amp:
             pred = unet(xt, t.float().to(dev), context=ctx).float()
         w = wts[idx].to(dev)
         per_sample = (((pred - eps) ** 2) * w).mean(dim=(1, 2, 3)) / w.mean()
