@@ -2,7 +2,8 @@
 
 Thin node classes over ``toyworld/`` (scene generator, model construction, scorers). The loader returns real
 ComfyUI MODEL / CLIP / VAE objects (an SD1.5-family BaseModel, an SD1 CLIP, a TAESD-architecture VAE), so stock
-KSampler / CLIPTextEncode / VAEDecode and every node of the pack run on it unchanged. Images are 64x64 px (8x8 latents).
+KSampler / CLIPTextEncode / VAEDecode and every node of the pack run on it unchanged. Image size: the shipped model's
+(``tw_model.shipped_image_size()``: 64 px for the world v1 set, 128 px for world v2), latents 8x smaller.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from .toyworld import scenes
 
 CATEGORY = "personalize/ToyWorld"
 SOURCES = ("trained", "random (untrained)")
+SIZE = tw_model.shipped_image_size()   # what the shipped toy model was trained at (read from its file's recipe)
 
 
 class ToyWorldLoader:
     DESCRIPTION = ("Loads the toy world's text-to-image model: a narrow SD1.5-architecture UNet, a bag-of-words CLIP "
                    "text encoder (SD1 tokenizer) and a TAESD-architecture VAE, trained by the pack on procedurally "
-                   "drawn 64x64 scenes ('a photo of a red striped ball on the beach'). Use 64x64 latents images "
-                   "(Empty Latent Image 64x64).")
+                   f"drawn {SIZE}x{SIZE} scenes ('a photo of a red striped ball on the beach'). Make "
+                   f"{SIZE}x{SIZE} images (Empty Latent Image {SIZE}x{SIZE}).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -35,7 +37,7 @@ class ToyWorldLoader:
         }}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    OUTPUT_TOOLTIPS = ("The toy SD1.5-family diffusion model (eps-prediction, 8x8 latents).",
+    OUTPUT_TOOLTIPS = (f"The toy SD1.5-family diffusion model (eps-prediction, {SIZE // 8}x{SIZE // 8} latents).",
                        "The toy text encoder (SD1 tokenizer, 768-wide embeddings).",
                        "The toy VAE (TAESD architecture, 8x downscale).")
     FUNCTION = "load"
@@ -63,23 +65,28 @@ class ToyWorldSubject:
                                    "tooltip": "How many reference renders (different pose, scale, background)."}),
             "prompt_index": ("INT", {"default": 0, "min": 0, "max": 9,
                                      "tooltip": "Which of the subject's 10 benchmark prompts to output."}),
+        }, "optional": {
+            "size": ("INT", {"default": SIZE, "min": 16, "max": 1024, "step": 8,
+                             "tooltip": "Side of the reference renders (px). Default: the size the shipped toy "
+                                        "model was trained at."}),
         }}
 
     RETURN_TYPES = ("IMAGE", "MASK", "STRING", "STRING")
     RETURN_NAMES = ("images", "masks", "prompt", "class_prompt")
-    OUTPUT_TOOLTIPS = ("Reference renders, 64x64.", "Subject masks of the references.",
+    OUTPUT_TOOLTIPS = ("Reference renders, size x size.", "Subject masks of the references.",
                        "The benchmark prompt with the subject token ('a photo of a sks ball on the beach').",
                        "The same prompt naming only the class ('a photo of a ball on the beach').")
     FUNCTION = "render"
     CATEGORY = CATEGORY
 
-    def render(self, subject, references=4, prompt_index=0):
+    def render(self, subject, references=4, prompt_index=0, size=SIZE):
         by_name = {s.name: s for s in scenes.SUBJECTS}
         require(subject in by_name, "subject", f"one of {sorted(by_name)}", subject)
         require(1 <= int(references) <= 5, "references", "1 to 5", references)
         require(0 <= int(prompt_index) <= 9, "prompt_index", "0 to 9", prompt_index)
+        require(int(size) % 8 == 0, "size", "a multiple of 8 (the VAE's 8x-down latent grid)", size)
         s = by_name[subject]
-        refs = scenes.subject_references(s, int(references))
+        refs = scenes.subject_references(s, int(references), size=int(size))
         imgs = torch.from_numpy(np.stack([r[0] for r in refs]))
         masks = torch.from_numpy(np.stack([r[1] for r in refs]))
         p = scenes.dreambench_prompts(s)[int(prompt_index)]

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
             from personalize.toyworld import model as toy
 
             model, clip, vae = toy.load()[:3]
-            native = toy.IMAGE_SIZE
+            native = toy.shipped_image_size()
         else:
             model, clip, vae = host.load_models(a.checkpoint, a.random_tiny)
             native = 64 if a.random_tiny is not None else introspect.NATIVE_RESOLUTION[introspect.family(model)]

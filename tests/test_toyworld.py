@@ -13,6 +13,9 @@ from personalize.toyworld import model as tw_model
 from personalize.toyworld import scenes
 
 TRAINED = tw_model.weights_present()
+# the size the loader's model works at: the shipped model's (read from its file), the v1 layout for the random one
+SIZE = tw_model.shipped_image_size() if TRAINED else tw_model.IMAGE_SIZE
+LAT = SIZE // 8
 
 
 # ------------------------------------------------------------------------------------------------ generator
@@ -299,27 +302,36 @@ def test_loader_objects_sample_through_stock_ksampler_and_vae(toy):
 
     model, clip, vae = toy
     pos, neg = _encode(clip, "a photo of a red ball on the grass"), _encode(clip, "")
-    before = sample(model, pos, neg, steps=4, seed=3, size=(8, 8))
-    lat = sample(model, pos, neg, steps=4, seed=3, size=(8, 8))
-    assert lat.shape == (1, 4, 8, 8) and torch.isfinite(lat).all()
+    before = sample(model, pos, neg, steps=4, seed=3, size=(LAT, LAT))
+    lat = sample(model, pos, neg, steps=4, seed=3, size=(LAT, LAT))
+    assert lat.shape == (1, 4, LAT, LAT) and torch.isfinite(lat).all()
     assert torch.equal(before, lat)                      # deterministic from the seed
     with torch.inference_mode():
         img = nodes.VAEDecode().decode(vae, {"samples": lat})[0]
-    assert img.shape == (1, 64, 64, 3) and 0 <= img.min() and img.max() <= 1
+    assert img.shape == (1, SIZE, SIZE, 3) and 0 <= img.min() and img.max() <= 1
     with torch.inference_mode():
         back = nodes.VAEEncode().encode(vae, img)[0]["samples"]
-    assert back.shape == (1, 4, 8, 8)
+    assert back.shape == (1, 4, LAT, LAT)
 
 
 def test_subject_node_renders_references():
     imgs, masks, prompt, class_prompt = run_node(toy_world_nodes.ToyWorldSubject, subject=scenes.SUBJECTS[0].name,
                                                  references=3, prompt_index=1)
-    assert imgs.shape == (3, 64, 64, 3) and masks.shape == (3, 64, 64)
+    # by default at the shipped model's size (the file's recipe says which), or at the size asked for
+    assert imgs.shape == (3, toy_world_nodes.SIZE, toy_world_nodes.SIZE, 3)
+    assert masks.shape == (3, toy_world_nodes.SIZE, toy_world_nodes.SIZE)
+    assert toy_world_nodes.SIZE == (tw_model.image_size() if TRAINED else tw_model.IMAGE_SIZE)
     assert "sks" in prompt and "sks" not in class_prompt
+    small, small_masks, *_ = run_node(toy_world_nodes.ToyWorldSubject, subject=scenes.SUBJECTS[0].name, references=2,
+                                      prompt_index=1, size=32)
+    assert small.shape == (2, 32, 32, 3) and small_masks.shape == (2, 32, 32)
     from personalize.nodes.errors import InputError
 
     with pytest.raises(InputError, match="subject"):
         run_node(toy_world_nodes.ToyWorldSubject, subject="nope", references=3, prompt_index=1)
+    with pytest.raises(InputError, match="size.*multiple of 8"):
+        run_node(toy_world_nodes.ToyWorldSubject, subject=scenes.SUBJECTS[0].name, references=1, prompt_index=1,
+                 size=36)
 
 
 # ------------------------------------------------------------------------------------------------ scorers
@@ -418,7 +430,7 @@ def test_trained_model_prompts_are_recognizable(toy, scorers):
     for i, bg in enumerate(scenes.BACKGROUNDS):
         c = scenes.CLASSES[i]
         pos = _encode(clip, f"a photo of a {c} {scenes.BACKGROUNDS[bg]}")
-        lat = sample(model, pos, _encode(clip, ""), steps=10, cfg=5.0, seed=7 + i, size=(8, 8), batch=4)
+        lat = sample(model, pos, _encode(clip, ""), steps=10, cfg=5.0, seed=7 + i, size=(LAT, LAT), batch=4)
         with torch.inference_mode():
             imgs.append(nodes.VAEDecode().decode(vae, {"samples": lat})[0])
         cls_ += [c] * 4
@@ -469,4 +481,4 @@ def test_example_workflows_convert_and_run_on_the_toy_model(name):
             n["inputs"]["source"] = "random (untrained)"
     saved = _run_api(api)   # the generations (batch 4); the BootPIG workflow also saves its 4 reference renders
     assert len(saved) == (2 if "bootpig" in name else 1)
-    assert all(images.shape == (4, 64, 64, 3) and torch.isfinite(images).all() for images in saved)
+    assert all(images.shape == (4, SIZE, SIZE, 3) and torch.isfinite(images).all() for images in saved)

@@ -140,6 +140,12 @@ def image_size(weights_dir: str = WEIGHTS_DIR) -> int:
     return int(json.loads(meta.get("config", "{}")).get("size", IMAGE_SIZE))
 
 
+def shipped_image_size() -> int:
+    """The image size (px) of the shipped toy model (``WEIGHTS_DIR``): what its renders, latents and example
+    workflows use; ``IMAGE_SIZE`` when the weights are absent (a clone without them, the random model)."""
+    return image_size(WEIGHTS_DIR) if weights_present() else IMAGE_SIZE
+
+
 def unet_config_for(size: int) -> dict:
     """The UNet config of the toy model trained at ``size`` px: world v1 (64) or world v2 (128)."""
     configs = {IMAGE_SIZE: UNET_CONFIG, 128: UNET_CONFIG_V2}

@@ -22,6 +22,10 @@ import torch.nn.functional as F
 from . import scenes
 from .model import WEIGHTS_DIR
 
+# the scorers' input size (px), the same in both worlds: images of any other size are resampled to it (``as_nchw``);
+# the real renders' ceiling is the same at 64 and 128 px (0.893 / 0.895)
+INPUT_SIZE = 64
+
 
 def _trunk(width=32):
     def blk(i, o, s):
@@ -76,8 +80,8 @@ def as_nchw(images) -> torch.Tensor:
         x = x[None]
     if x.shape[-1] in (3, 4) and x.shape[1] not in (3, 4):
         x = x[..., :3].permute(0, 3, 1, 2)
-    if x.shape[-1] != scenes.SIZE or x.shape[-2] != scenes.SIZE:
-        x = F.interpolate(x, size=(scenes.SIZE, scenes.SIZE), mode="bilinear", antialias=True)
+    if x.shape[-1] != INPUT_SIZE or x.shape[-2] != INPUT_SIZE:
+        x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True)
     return x.contiguous()
 
 
