@@ -896,7 +896,7 @@ def unet_check(unet_path, vae_path, scorers_path, seeds=1, steps=20, cfg_scale=5
     """Base generations of the class prompts 'a photo of a <class> <background>' (6 classes x 6 backgrounds x
     ``seeds``, ComfyUI's KSampler: euler, normal, 20 steps, cfg ``cfg_scale``; seed 100 * class + 10 * background
     + k), scored by the scorers' class and background heads: (images [N, H, W, 3], class accuracy, background
-    accuracy)."""
+    accuracy, {class or background name: accuracy of its images on that head})."""
     from safetensors.torch import load_file
 
     from personalize.toyworld.scorers import Scorers
@@ -912,16 +912,20 @@ def unet_check(unet_path, vae_path, scorers_path, seeds=1, steps=20, cfg_scale=5
                 cls.append(c)
                 bgs.append(b)
     imgs = torch.cat(imgs)
-    pf = Scorers(str(scorers_path)).prompt_fidelity(imgs, cls, bgs)
-    return imgs, pf["class"], pf["background"]
+    pc, pb = Scorers(str(scorers_path)).classify(imgs)
+    ok_c = pc == torch.tensor([scenes.CLASSES.index(c) for c in cls])
+    ok_b = pb == torch.tensor([list(scenes.BACKGROUNDS).index(b) for b in bgs])
+    per = {c: ok_c[[i for i, x in enumerate(cls) if x == c]].float().mean().item() for c in scenes.CLASSES}
+    per.update({b: ok_b[[i for i, x in enumerate(bgs) if x == b]].float().mean().item() for b in scenes.BACKGROUNDS})
+    return imgs, ok_c.float().mean().item(), ok_b.float().mean().item(), per
 
 
 def measure_unet(cfg, a, stop, dev):
     out = Path(a.out)
     unet_path = Path(a.unet or out / "unet.safetensors")
     scorers_path = Path(a.scorers or out / "scorers.safetensors")
-    imgs, acc_c, acc_b = unet_check(unet_path, Path(a.vae or out / "vae.safetensors"), scorers_path, seeds=a.seeds,
-                                     cfg_scale=a.cfg)
+    imgs, acc_c, acc_b, per = unet_check(unet_path, Path(a.vae or out / "vae.safetensors"), scorers_path,
+                                          seeds=a.seeds, cfg_scale=a.cfg)
     if a.save_grid:
         from PIL import Image
 
@@ -932,6 +936,9 @@ def measure_unet(cfg, a, stop, dev):
         log("grid (a row per class, a column per background x seed):", a.save_grid)
     print(f"UNet {unet_path}: {imgs.shape[0]} class-prompt images, scorer {scorers_path}: "
           f"cfg {a.cfg:g}, class {acc_c:.3f}, background {acc_b:.3f}")
+    print("  class accuracy of each class's images: " + ", ".join(f"{c} {per[c]:.2f}" for c in scenes.CLASSES))
+    print("  background accuracy of each background's images: "
+          + ", ".join(f"{b} {per[b]:.2f}" for b in scenes.BACKGROUNDS))
 
 
 STAGES = {"vae": train_vae, "unet": train_unet, "scorers": train_scorers, "segmenter": train_segmenter,
