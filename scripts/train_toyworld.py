@@ -912,12 +912,16 @@ def unet_check(unet_path, vae_path, scorers_path, seeds=1, steps=20, cfg_scale=5
                 cls.append(c)
                 bgs.append(b)
     imgs = torch.cat(imgs)
-    pc, pb = Scorers(str(scorers_path)).classify(imgs)
-    ok_c = pc == torch.tensor([scenes.CLASSES.index(c) for c in cls])
-    ok_b = pb == torch.tensor([list(scenes.BACKGROUNDS).index(b) for b in bgs])
-    per = {c: ok_c[[i for i, x in enumerate(cls) if x == c]].float().mean().item() for c in scenes.CLASSES}
-    per.update({b: ok_b[[i for i, x in enumerate(bgs) if x == b]].float().mean().item() for b in scenes.BACKGROUNDS})
-    return imgs, ok_c.float().mean().item(), ok_b.float().mean().item(), per
+    scorers = Scorers(str(scorers_path))
+    every = scorers.prompt_fidelity(imgs, cls, bgs)
+
+    def group(name, labels):
+        idx = [i for i, x in enumerate(labels) if x == name]
+        return scorers.prompt_fidelity(imgs[idx], [cls[i] for i in idx], [bgs[i] for i in idx])
+
+    per = {c: group(c, cls)["class"] for c in scenes.CLASSES}
+    per.update({b: group(b, bgs)["background"] for b in scenes.BACKGROUNDS})
+    return imgs, every["class"], every["background"], per
 
 
 def measure_unet(cfg, a, stop, dev):
