@@ -3,7 +3,8 @@
 Thin node classes over ``toyworld/`` (scene generator, model construction, scorers). The loader returns real
 ComfyUI MODEL / CLIP / VAE objects (an SD1.5-family BaseModel, an SD1 CLIP, a TAESD-architecture VAE), so stock
 KSampler / CLIPTextEncode / VAEDecode and every node of the pack run on it unchanged. Image size: the shipped model's
-(``tw_model.shipped_image_size()``: 64 px for the world v1 set, 128 px for world v2), latents 8x smaller.
+(``tw_model.shipped_image_size()``: 128 px for the world v2 set; 64 px without weights, the random model),
+latents 8x smaller.
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ class ToyWorldSegmenter:
         return {"required": {
             "source": (list(SEGMENTER_SOURCES), {"default": SEGMENTER_SOURCES[0],
                                                  "tooltip": "'trained' loads the segmenter shipped with the pack "
-                                                            "(weights/toyworld-v2-staging/segmenter.safetensors)."}),
+                                                            "(weights/toyworld/segmenter.safetensors)."}),
         }}
 
     RETURN_TYPES = ("PERSONALIZE_MASK_SOURCE",)

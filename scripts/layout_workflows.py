@@ -45,7 +45,7 @@ TECHNIQUES = {  # pack category -> (group title, colour, short note)
                                       "prompt carry its appearance."),
     "personalize/DreamBooth": ("DreamBooth", "#7a3f8a", "DreamBooth: a LoRA trained on 3-5 photos with prior "
                                "preservation, saved to models/loras and applied to the model and CLIP below."),
-    "personalize/ToyWorld": ("Toy world", "#6b6b3f", "Toy world: the pack's own small 64x64 model and held-out "
+    "personalize/ToyWorld": ("Toy world", "#6b6b3f", "Toy world: the pack's own small 128x128 model and held-out "
                              "subjects (weights ship in weights/toyworld); runs on a CPU in seconds."),
 }
 OTHER = "other"

@@ -9,7 +9,7 @@ the pack's toy-world model, which runs on a CPU in seconds:
 - workflows made for a real checkpoint run on the toy model instead: ``CheckpointLoaderSimple`` becomes the Toy World
   Loader (same MODEL/CLIP/VAE outputs), every ``LoadImage`` the Toy World Subject ``ball_00`` (its reference renders
   and masks, in the IMAGE/MASK slots), the word "dog" in text inputs becomes "ball", latents and reference
-  resolutions 64 px, and the DreamBooth trainer a short run (TOY_INPUTS below). Every other node and setting is the
+  resolutions 128 px (the shipped toy model's size), and the DreamBooth trainer a short run (TOY_INPUTS below). Every other node and setting is the
   workflow's own; muted nodes stay muted.
 
 The image of the SaveImage node fed by the last VAE Decode becomes the thumbnail: up to 4 images in a 2x2 grid,
@@ -28,13 +28,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TOY_SUBJECT = "ball_00"
 THUMB = 256
-# per node type: inputs set for the toy model's 64 px world (a real checkpoint's settings would take hours on a CPU)
+# per node type: inputs set for the toy model's 128 px world (a real checkpoint's settings would take hours on a CPU)
 TOY_INPUTS = {
-    "EmptyLatentImage": {"width": 64, "height": 64},
-    "PersonalizeBootPIGReferenceEncoder": {"resolution": 64},
-    "PersonalizePickAndDrawReference": {"resolution": 64},
-    "PersonalizeSubjectDiffusionLocationMaskConcat": {"boxes": "14, 14, 36, 36"},
-    "PersonalizeDreamBoothLoRATrainer": {"steps": 60, "num_class_images": 4, "class_steps": 20, "resolution": 64,
+    "EmptyLatentImage": {"width": 128, "height": 128},
+    "PersonalizeBootPIGReferenceEncoder": {"resolution": 128},
+    "PersonalizePickAndDrawReference": {"resolution": 128},
+    "PersonalizeSubjectDiffusionLocationMaskConcat": {"boxes": "28, 28, 72, 72"},
+    "PersonalizeDreamBoothLoRATrainer": {"steps": 60, "num_class_images": 4, "class_steps": 20, "resolution": 128,
                                          "learning_rate": 1e-3, "checkpoint_every": 0, "overwrite": True,
                                          "save_name": "thumbnail_dreambooth"},
 }

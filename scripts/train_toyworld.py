@@ -14,13 +14,14 @@ Each stage reads its recipe from CONFIG below (override with --steps / --set key
 SIGINT / SIGTERM) stops a stage at the end of its current step and saves both; ``--resume`` continues from the
 checkpoint exactly where it stopped (same batches, same schedule: the learning rate depends on the step only), so an
 interrupted run ends bit-identical to an uninterrupted one (tests/test_toyworld.py checks it on a tiny config).
-The default output is weights/toyworld-v2-staging (world v2 is trained there until a full set is measured; the
-shipped v1 weights in weights/toyworld came from this script at fb72da7).
+The default output is weights/toyworld, the shipped set (world v2 since the switch of issue #12; world v1's files
+are in the history, at fb72da7).
 Every image is drawn procedurally from a seed (toyworld/scenes.py): nothing is downloaded.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from personalize.toyworld import model as tw_model  # noqa: E402  (the pack, thr
 from personalize.toyworld import scenes  # noqa: E402
 from personalize.nodes.forward_process import min_snr_weight  # noqa: E402  (the pack's one Min-SNR formula)
 
-STAGING_DIR = REPO / "weights" / "toyworld-v2-staging"
+WEIGHTS_DIR = REPO / "weights" / "toyworld"
 CONFIG = {
     # subject_weight: the loss counts pixels (latent cells for the UNet) inside the subject's mask 1 + subject_weight
     # times, so the few cells that carry the subject's shape and colour are not drowned by background texture.
@@ -52,7 +53,7 @@ CONFIG = {
     # costs a quarter of a full image). init: a TAESD state dict to start from ("" = from scratch).
     "vae": {"steps": 360, "batch": 12, "size": 128, "crop": 64, "lr": 4e-4, "lr_end": 2e-5, "warmup": 20,
             "latent_noise": 0.1, "reg": 0.01, "subject_weight": 2.0, "calib_images": 256, "seed": 11,
-            "init": "weights/toyworld/vae.safetensors", "save_every": 40},
+            "init": "git:fb72da7:weights/toyworld/vae.safetensors", "save_every": 40},
     # unet: amp "bf16" runs the forward pass under bfloat16 autocast (fp32 weights, optimizer and loss; 2.2x faster
     # per step on a CPU with AVX512-BF16, but slower than fp32 on one without: an AVX2-only EPYC took > 6 s per step
     # against 4.8 s in fp32); "auto" (the default) = bf16 where the device computes it natively (a CUDA device that
@@ -74,7 +75,7 @@ CONFIG = {
     # so that blurry generated images segment too. eval_refs: held-out subject renders per subject for the IoU
     # printed at the end (0: none).
     "segmenter": {"steps": 240, "batch": 16, "size": 128, "lr": 3e-3, "lr_end": 1e-4, "warmup": 10, "dice": 1.0,
-                  "vae_pool": 96, "vae_per_batch": 4, "vae": "weights/toyworld-v2-staging/vae.safetensors",
+                  "vae_pool": 96, "vae_per_batch": 4, "vae": "weights/toyworld/vae.safetensors",
                   "p_blur": 0.6, "noise": 0.06, "jitter": 0.15, "seed": 14, "save_every": 40, "eval_refs": 4},
 }
 
@@ -200,11 +201,31 @@ def weighted_rec(y, x, m, subject_weight):
 
 # ------------------------------------------------------------------------------------------------ VAE
 
-def _load_taesd(path):
-    from safetensors.torch import load_file
+@functools.lru_cache(maxsize=1)
+def text_encoder():
+    """The toy CLIP, built once per process (about 2 s; the UNet stage only reads it to encode captions)."""
+    return tw_model.build_clip()
 
+
+def load_init(spec: str) -> dict:
+    """The state dict a recipe's ``init`` names: a path (relative to the repository) or ``git:<commit>:<path>``, a
+    file as the repository held it at that commit (the world-v2 VAE starts from world v1's, which the switch to v2
+    replaced in weights/toyworld)."""
+    import subprocess
+
+    from safetensors.torch import load, load_file
+
+    if spec.startswith("git:"):
+        rev, path = spec[4:].split(":", 1)
+        return load(subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"], check=True,
+                                   capture_output=True).stdout)
+    return load_file(str(REPO / spec) if not os.path.isabs(spec) else spec)
+
+
+def _load_taesd(path):
     net = tw_model.new_taesd()
-    net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    state = load_init(str(path))
+    net.load_state_dict({k: v.float() for k, v in state.items()})
     return net
 
 
@@ -214,7 +235,7 @@ def train_vae(cfg, a, stop, dev):
     torch.manual_seed(cfg["seed"])
     rng = np.random.default_rng(cfg["seed"])
     if cfg.get("init"):
-        net = _load_taesd(REPO / cfg["init"])
+        net = _load_taesd(cfg["init"])
         log("initialised from", cfg["init"])
     else:
         net = tw_model.new_taesd()
@@ -279,8 +300,9 @@ def calibrate_vae(net, cfg, dev):
     """vae_scale / vae_shift such that SD1.5's latent format (x0.18215) hands the UNet zero-mean unit-std latents:
     ComfyUI's TAESD encode() = e / vae_scale + vae_shift, decode(x) = decoder((x - vae_shift) * vae_scale)."""
     rng = np.random.default_rng([cfg["seed"], 0xCA1])
-    lat = torch.cat([net.taesd_encoder(render_training(rng, 32, cfg["size"])[0].to(dev)).cpu()
-                     for _ in range(max(1, cfg["calib_images"] // 32))])
+    n = max(1, cfg["calib_images"])
+    lat = torch.cat([net.taesd_encoder(render_training(rng, min(32, n - i), cfg["size"])[0].to(dev)).cpu()
+                     for i in range(0, n, 32)])
     mu, sd = lat.mean().item(), lat.std().item()
     log(f"calibration on {lat.shape[0]} renders: latent mean {mu:.3f} std {sd:.3f}")
     return {"vae_scale": torch.tensor(tw_model.VAE_SCALE * sd), "vae_shift": torch.tensor(-mu / (tw_model.VAE_SCALE * sd))}
@@ -517,7 +539,7 @@ def train_unet(cfg, a, stop, dev):
     log("rendering + encoding", cfg["n_images"], "base images")
     lat, wts, caps_scenes = build_latents(cfg, out / "vae.safetensors", dev)
     latent = cfg["size"] // 8
-    clip = tw_model.build_clip()
+    clip = text_encoder()
     bm = tw_model.model_config(tw_model.UNET_CONFIG_V2).get_model({})
     unet = bm.diffusion_model
     init_random_(unet, cfg["seed"])
@@ -525,9 +547,7 @@ def train_unet(cfg, a, stop, dev):
         unet.out[-1].weight.zero_()
         unet.out[-1].bias.zero_()
     if cfg.get("init"):   # continue from saved (EMA) weights with a fresh optimizer: a warm restart, recorded
-        from safetensors.torch import load_file
-
-        init_sd = load_file(str(REPO / cfg["init"]) if not os.path.isabs(cfg["init"]) else cfg["init"])
+        init_sd = load_init(cfg["init"])
         unet.load_state_dict({k: v.float() for k, v in init_sd.items()})
         log("initialised from", cfg["init"])
     unet.to(dev)
@@ -969,7 +989,7 @@ def main(argv=None):
                          "new schedule (recorded in the weights' metadata)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe entry (JSON value), e.g. --set batch=8 --set init=")
-    ap.add_argument("--out", default=str(STAGING_DIR), help="where weights and checkpoints go")
+    ap.add_argument("--out", default=str(WEIGHTS_DIR), help="where weights and checkpoints go")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vae", default=None, help="vae-ceiling, segmenter-eval, unet-check: the VAE file (default "

@@ -214,6 +214,7 @@ def test_example_workflow_bootstraps_trains_loads_and_samples_on_the_toy_model(t
     from helpers import convert_example, run_api
 
     import personalize
+    from personalize.toyworld import model as tw_model
 
     folder_paths.add_model_folder_path("bootpig", str(tmp_path / "models_bootpig"), is_default=True)
     api = convert_example("toyworld_bootpig_training.json")
@@ -224,7 +225,8 @@ def test_example_workflow_bootstraps_trains_loads_and_samples_on_the_toy_model(t
     by_type["PersonalizeBootPIGTrainer"].update(steps=2)
     by_type["KSampler"].update(steps=3)
     saved = run_api(api, {**nodes.NODE_CLASS_MAPPINGS, **personalize.NODE_CLASS_MAPPINGS})
-    assert len(saved) == 1 and saved[0].shape == (4, 64, 64, 3) and torch.isfinite(saved[0]).all()
+    size = tw_model.shipped_image_size()   # the workflow's latents and references: the shipped model's 128 px
+    assert len(saved) == 1 and saved[0].shape == (4, size, size, 3) and torch.isfinite(saved[0]).all()
     meta = json.load(open(output_dir / "bootpig_datasets" / "toyworld_example" / "dataset.json"))
     assert meta["kept"] >= 1 and meta["recipe"]["mask_source"].startswith("toy segmenter")
     assert (tmp_path / "models_bootpig" / "toyworld_bootpig_example.safetensors").is_file()

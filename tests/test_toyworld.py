@@ -145,7 +145,7 @@ def test_training_stages_resume_without_losing_a_step(tmp_path):
     from safetensors.torch import load_file
 
     tt = _train_module()
-    tiny = {"vae": ["--set", "batch=2", "--set", "size=64", "--set", "crop=32", "--set", "calib_images=32",
+    tiny = {"vae": ["--set", "batch=2", "--set", "size=64", "--set", "crop=32", "--set", "calib_images=8",
                     "--set", "save_every=100"],
             "unet": ["--set", "batch=2", "--set", "size=64", "--set", "n_images=8", "--set", "save_every=100"],
             "scorers": ["--set", "batch=4", "--set", "save_every=100"]}
@@ -385,36 +385,29 @@ def test_scorers_separate_real_renders_of_instances_and_backgrounds(scorers):
     assert wrong["class"] < 0.1
 
 
-def test_staged_v2_vae_round_trip_keeps_the_subjects(scorers):
-    """World v2's VAE (weights/toyworld-v2-staging, 128 px): VAE round-trips of held-out subjects' renders stay close
-    to the subject (instance embedder, against the subject's references), on a fixed set: 4 prompt renders each."""
+def test_shipped_vae_round_trip_keeps_the_subjects(scorers):
+    """The shipped VAE (world v2, 128 px): VAE round-trips of held-out subjects' renders stay close to the subject
+    (instance embedder, against the subject's references), on a fixed set: one prompt render each, one batch."""
     from safetensors.torch import load_file
 
-    path = tw_model.os.path.join(tw_model.WEIGHTS_DIR + "-v2-staging", "vae.safetensors")
-    vae = tw_model.build_vae(load_file(path))
-    fid = []
-    for s in scenes.SUBJECTS:
-        refs = np.stack([r[0] for r in scenes.subject_references(s, size=scenes.V2_SIZE)])
-        real = torch.from_numpy(scenes.prompt_renders(s, 1, scenes.V2_SIZE)[:4])
-        with torch.inference_mode():
-            rt = vae.decode(vae.encode(real)).float().clamp(0, 1).reshape(real.shape)
-        fid.append(scorers.subject_fidelity(rt, refs))
-    fid = np.array(fid)
-    print(f"\nstaged v2 VAE round-trips: subject fidelity mean {fid.mean():.3f}, worst {fid.min():.3f}")
-    assert fid.mean() >= 0.75 and fid.min() >= 0.6       # measured: mean 0.860, worst 0.678
-
-
-def test_loader_builds_the_unet_of_the_size_its_weights_were_trained_at():
-    """``load(dir)`` reads the image size from the UNet file's recipe: the shipped v1 set is 64 px (2 heads), world
-    v2's staged set 128 px (4 heads, 16x16 latents); a size with no config is refused, naming it."""
-    assert tw_model.image_size(tw_model.WEIGHTS_DIR) == 64
-    assert tw_model.image_size(tw_model.V2_WEIGHTS_DIR) == 128
-    model, clip, vae = tw_model.load(tw_model.V2_WEIGHTS_DIR)
-    attn = model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1
-    assert attn.heads == 4 and model.model.model_config.unet_config["image_size"] == 16
+    vae = tw_model.build_vae(load_file(tw_model.os.path.join(tw_model.WEIGHTS_DIR, "vae.safetensors")))
+    real = torch.from_numpy(np.concatenate([scenes.prompt_renders(s, 1, SIZE, prompts=1) for s in scenes.SUBJECTS]))
     with torch.inference_mode():
-        img = tw_model.generate(model, clip, vae, "a photo of a star on the beach", seed=3, size=128, steps=4)
-    assert img.shape == (1, 128, 128, 3) and torch.isfinite(img).all()
+        rt = vae.decode(vae.encode(real)).float().clamp(0, 1).reshape(real.shape)
+    fid = np.array([scorers.subject_fidelity(rt[i:i + 1],
+                                             np.stack([r[0] for r in scenes.subject_references(s, size=SIZE)]))
+                    for i, s in enumerate(scenes.SUBJECTS)])
+    print(f"\nshipped VAE round-trips: subject fidelity mean {fid.mean():.3f}, worst {fid.min():.3f}")
+    assert fid.mean() >= 0.75 and fid.min() >= 0.65      # issue #12's bars; measured: mean 0.875, worst 0.806
+
+
+def test_loader_builds_the_unet_of_the_size_its_weights_were_trained_at(toy):
+    """``load`` reads the image size from the UNet file's recipe: the shipped world-v2 set is 128 px (4 heads,
+    16x16 latents); the random model keeps the 64 px config (2 heads); a size with no config is refused, naming it."""
+    assert tw_model.image_size(tw_model.WEIGHTS_DIR) == 128 == SIZE
+    attn = toy[0].model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1
+    assert attn.heads == 4 and toy[0].model.model_config.unet_config["image_size"] == 16
+    assert tw_model.unet_config_for(tw_model.IMAGE_SIZE)["num_heads"] == 2
     with pytest.raises(ValueError, match="96 px"):
         tw_model.unet_config_for(96)
 
@@ -430,16 +423,16 @@ def test_trained_model_prompts_are_recognizable(toy, scorers):
     for i, bg in enumerate(scenes.BACKGROUNDS):
         c = scenes.CLASSES[i]
         pos = _encode(clip, f"a photo of a {c} {scenes.BACKGROUNDS[bg]}")
-        lat = sample(model, pos, _encode(clip, ""), steps=10, cfg=5.0, seed=7 + i, size=(LAT, LAT), batch=4)
+        lat = sample(model, pos, _encode(clip, ""), steps=10, cfg=5.0, seed=7 + i, size=(LAT, LAT), batch=2)
         with torch.inference_mode():
             imgs.append(nodes.VAEDecode().decode(vae, {"samples": lat})[0])
-        cls_ += [c] * 4
-        bgs += [bg] * 4
+        cls_ += [c] * 2
+        bgs += [bg] * 2
     pf = scorers.prompt_fidelity(torch.cat(imgs), cls_, bgs)
-    print(f"\ngenerated (24 images, 10 euler steps, cfg 5): background {pf['background']:.2f}, class {pf['class']:.2f} "
+    print(f"\ngenerated (12 images, 10 euler steps, cfg 5): background {pf['background']:.2f}, class {pf['class']:.2f} "
           f"(chance 0.17 each)")
-    # shipped model: background 1.00, class 0.71 here (docs/toyworld.md); both must stay far above chance
-    assert pf["background"] >= 0.8 and pf["class"] >= 0.45
+    # issue #12's bar for the shipped model's generations (measured in docs/toyworld.md)
+    assert pf["background"] >= 0.9 and pf["class"] >= 0.8
 
 
 # ------------------------------------------------------------------------------------------------ example workflows

@@ -1,8 +1,9 @@
 """The toy world's text-to-image model, built from ComfyUI's own classes.
 
 - UNet: ``comfy.model_base.BaseModel`` from ``comfy.supported_models.SD15`` with a narrow ``unet_config`` (full SD1.5
-  block structure: 16 transformer blocks, context_dim 768, eps-prediction, SD1.5's discrete schedule), 64x64 px images
-  = 8x8 latents.
+  block structure: 16 transformer blocks, context_dim 768, eps-prediction, SD1.5's discrete schedule). The shipped
+  (world v2) model: 128x128 px images = 16x16 latents (``UNET_CONFIG_V2``); the random model of the mechanics tests
+  keeps world v1's 64 px = 8x8 latents (``UNET_CONFIG``), a quarter of the cost on a CPU.
 - Text encoder: ``comfy.sd.CLIP`` over ``comfy.sd1_clip.SD1ClipModel`` (CLIP-L layout, ComfyUI's bundled tokenizer)
   with one transformer layer whose residual branches are zero, i.e. a bag-of-words encoder: every token's output is
   LayerNorm(token embedding). Token embeddings are a fixed deterministic function of the token id (``token_table``),
@@ -24,9 +25,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS_DIR = os.path.normpath(os.path.join(HERE, "..", "weights", "toyworld"))
-# world v2's weights, trained there until a full set is measured (then they move to WEIGHTS_DIR with the rest)
-V2_WEIGHTS_DIR = os.path.normpath(os.path.join(HERE, "..", "weights", "toyworld-v2-staging"))
-SEGMENTER_PATH = os.path.join(V2_WEIGHTS_DIR, "segmenter.safetensors")   # the toy mask source (toyworld/segmenter.py)
+SEGMENTER_PATH = os.path.join(WEIGHTS_DIR, "segmenter.safetensors")   # the toy mask source (toyworld/segmenter.py)
 
 UNET_CONFIG = {
     "use_checkpoint": False, "image_size": 8, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
@@ -36,14 +35,14 @@ UNET_CONFIG = {
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
-# world v2's UNet: the same width and blocks (4.5 M parameters, 9 MB in fp16) on 16x16 latents (128 px images), 4
+# UNET_CONFIG: world v1's UNet (64 px images, 8x8 latents), now the random model's (``load_random``).
+# world v2's UNet (the shipped one): the same width and blocks (4.5 M parameters, 9 MB in fp16) on 16x16 latents (128 px images), 4
 # heads instead of 2 (free in parameters): resolution, not width, is what the v1 model lacked
 UNET_CONFIG_V2 = dict(UNET_CONFIG, image_size=16, num_heads=4)
 CLIP_CONFIG = {"num_hidden_layers": 1, "intermediate_size": 64, "num_attention_heads": 4}
 VOCAB_DIM = 768
 VAE_SCALE = 0.18215
-IMAGE_SIZE = 64
-LATENT_SIZE = 8
+IMAGE_SIZE = 64     # the random model's image size (and the default where no shipped weights are present)
 
 
 def model_config(unet_config: dict | None = None):
@@ -130,7 +129,7 @@ def weights_present(weights_dir: str = WEIGHTS_DIR) -> bool:
 
 def image_size(weights_dir: str = WEIGHTS_DIR) -> int:
     """The image size (px) the toy UNet in ``weights_dir`` was trained at: the ``size`` of the recipe in its metadata
-    (128 for world v2); 64 for the v1 files, which predate the key."""
+    (128 for world v2); 64 for files without the key (world v1's, in the history before the switch)."""
     import json
 
     from safetensors import safe_open
@@ -147,7 +146,7 @@ def shipped_image_size() -> int:
 
 
 def unet_config_for(size: int) -> dict:
-    """The UNet config of the toy model trained at ``size`` px: world v1 (64) or world v2 (128)."""
+    """The UNet config of the toy model trained at ``size`` px: world v2 (128, shipped) or the 64 px random model."""
     configs = {IMAGE_SIZE: UNET_CONFIG, 128: UNET_CONFIG_V2}
     if size not in configs:
         raise ValueError(f"toy world: no UNet config for {size} px images (known: {sorted(configs)})")

@@ -296,11 +296,11 @@ def dreambench_prompts(subject: Subject) -> list[dict]:
     return out
 
 
-def prompt_renders(subject: Subject, seeds: int, size: int = SIZE) -> np.ndarray:
-    """The subject drawn as each of its 10 benchmark prompts asks, ``seeds`` times each (the benchmark's ceiling row
-    and the VAE round-trip set): (10 * seeds, size, size, 3)."""
+def prompt_renders(subject: Subject, seeds: int, size: int = SIZE, prompts: int = 10) -> np.ndarray:
+    """The subject drawn as each of its 10 benchmark prompts (the first ``prompts`` of them) asks, ``seeds`` times
+    each (the benchmark's ceiling row and the VAE round-trip set): (prompts * seeds, size, size, 3)."""
     out = []
-    for k, p in enumerate(dreambench_prompts(subject)):
+    for k, p in enumerate(dreambench_prompts(subject)[:prompts]):
         for s in range(seeds):
             rng = np.random.default_rng([0xCE1, SUBJECTS.index(subject), k, s])
             sc = subject_scene(subject, rng, background=p["background"])
