@@ -217,8 +217,12 @@ def load_init(spec: str) -> dict:
 
     if spec.startswith("git:"):
         rev, path = spec[4:].split(":", 1)
-        return load(subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"], check=True,
-                                   capture_output=True).stdout)
+        r = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"], capture_output=True)
+        if r.returncode:
+            raise SystemExit(f"init {spec}: not in this clone's git history ({r.stderr.decode().strip()}); a shallow "
+                             f"clone lacks it: fetch the history, or pass --set init=<a .safetensors path> (or "
+                             f"--set init= to train from scratch)")
+        return load(r.stdout)
     return load_file(str(REPO / spec) if not os.path.isabs(spec) else spec)
 
 
