@@ -50,7 +50,8 @@ CONFIG = {
     # subject_weight: the loss counts pixels (latent cells for the UNet) inside the subject's mask 1 + subject_weight
     # times, so the few cells that carry the subject's shape and colour are not drowned by background texture.
     # vae: 128 px renders (16x16 latents), trained on latent-aligned 64 px crops (the VAE is convolutional; a crop
-    # costs a quarter of a full image). init: a TAESD state dict to start from ("" = from scratch).
+    # costs a quarter of a full image). init: a TAESD state dict to start from ("" = from scratch; "git:REV:PATH" =
+    # the file as the repository held it at REV: world v1's VAE, which the v2 set replaced in weights/toyworld).
     "vae": {"steps": 360, "batch": 12, "size": 128, "crop": 64, "lr": 4e-4, "lr_end": 2e-5, "warmup": 20,
             "latent_noise": 0.1, "reg": 0.01, "subject_weight": 2.0, "calib_images": 256, "seed": 11,
             "init": "git:fb72da7:weights/toyworld/vae.safetensors", "save_every": 40},
@@ -200,12 +201,6 @@ def weighted_rec(y, x, m, subject_weight):
 
 
 # ------------------------------------------------------------------------------------------------ VAE
-
-@functools.lru_cache(maxsize=1)
-def text_encoder():
-    """The toy CLIP, built once per process (about 2 s; the UNet stage only reads it to encode captions)."""
-    return tw_model.build_clip()
-
 
 def load_init(spec: str) -> dict:
     """The state dict a recipe's ``init`` names: a path (relative to the repository) or ``git:<commit>:<path>``, a
@@ -530,6 +525,12 @@ def _render_latents(cfg, vae_sd, dev):
     lat, wts = torch.cat(lat), torch.cat(wts)
     log("latents", tuple(lat.shape), f"mean {lat.mean().item():.3f} std {lat.std().item():.3f}")
     return lat, wts, caps_scenes
+
+
+@functools.lru_cache(maxsize=1)
+def text_encoder():
+    """The toy CLIP, built once per process (about 2 s; the UNet stage only reads it to encode captions)."""
+    return tw_model.build_clip()
 
 
 def train_unet(cfg, a, stop, dev):
