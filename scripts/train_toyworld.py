@@ -43,6 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from personalize.toyworld import model as tw_model  # noqa: E402  (the pack, through its import root)
 from personalize.toyworld import scenes  # noqa: E402
+from personalize.toyworld import scorers as tw_scorers  # noqa: E402  (the scorers' input size is their recipe's)
 from personalize.nodes.forward_process import min_snr_weight  # noqa: E402  (the pack's one Min-SNR formula)
 
 WEIGHTS_DIR = REPO / "weights" / "toyworld"
@@ -68,8 +69,8 @@ CONFIG = {
     "unet": {"steps": 6000, "batch": 64, "size": 128, "lr": 1e-3, "lr_end": 5e-5, "warmup": 100, "n_images": 12000,
              "p_uncond": 0.1, "subject_weight": 3.0, "ema": 0.999, "seed": 12, "save_every": 200, "init": "",
              "amp": "auto", "min_snr": 5.0, "high_noise_cap": 0.0},
-    "scorers": {"steps": 2000, "batch": 48, "size": 64, "lr": 6e-4, "lr_end": 3e-5, "warmup": 50, "temperature": 0.1,
-                "seed": 13, "save_every": 200},
+    "scorers": {"steps": 2000, "batch": 48, "size": tw_scorers.INPUT_SIZE, "lr": 6e-4, "lr_end": 3e-5, "warmup": 50,
+                "temperature": 0.1, "seed": 13, "save_every": 200},
     # segmenter (the toy mask source, toyworld/segmenter.py): BCE + soft Dice on the renders' masks, 128 px.
     # vae_pool training renders are round-tripped through ``vae`` once (cached in <out>/segmenter.vaepool.ckpt) and
     # vae_per_batch of them join each batch (flipped at random); every image then gets blur / noise / colour jitter,
@@ -218,7 +219,7 @@ def load_init(spec: str) -> dict:
                              f"clone lacks it: fetch the history, or pass --set init=<a .safetensors path> (or "
                              f"--set init= to train from scratch)")
         return load(r.stdout)
-    return load_file(str(REPO / spec) if not os.path.isabs(spec) else spec)
+    return load_file(str(REPO / spec))   # an absolute spec stays itself under REPO /
 
 
 def _load_taesd(path):
@@ -629,13 +630,11 @@ def scorer_scenes(rng, B):
 
 
 def train_scorers(cfg, a, stop, dev):
-    from personalize.toyworld import scorers
-
     out = Path(a.out)
     ckpt_path = out / "scorers.ckpt"
     torch.manual_seed(cfg["seed"])
     rng = np.random.default_rng(cfg["seed"])
-    cls_net, emb_net = scorers.ClassBgNet().to(dev), scorers.InstanceNet().to(dev)
+    cls_net, emb_net = tw_scorers.ClassBgNet().to(dev), tw_scorers.InstanceNet().to(dev)
     opt = torch.optim.AdamW(list(cls_net.parameters()) + list(emb_net.parameters()), lr=cfg["lr"], weight_decay=1e-4)
     step = 0
     if a.resume:
@@ -659,14 +658,14 @@ def train_scorers(cfg, a, stop, dev):
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         sc, pairs = scorer_scenes(rng, B)
-        x = scorers.augment(to_tensor(np.stack([scenes.render(s, cfg["size"])[0] for s in sc])), rng).to(dev)
+        x = tw_scorers.augment(to_tensor(np.stack([scenes.render(s, cfg["size"])[0] for s in sc])), rng).to(dev)
         yc = torch.tensor([scenes.CLASSES.index(s.cls) for s in sc], device=dev)
         yb = torch.tensor([list(scenes.BACKGROUNDS).index(s.background) for s in sc], device=dev)
         lc, lb = cls_net(x)
         loss_c = F.cross_entropy(lc, yc) + F.cross_entropy(lb, yb)
         # contrastive batch: B/2 instances x 2 views (different pose / scale / background)
         views = [scenes.render(v, cfg["size"])[0] for v in pairs]
-        z = emb_net(scorers.augment(to_tensor(np.stack(views)), rng).to(dev))
+        z = emb_net(tw_scorers.augment(to_tensor(np.stack(views)), rng).to(dev))
         sim = z @ z.t() / cfg["temperature"]
         sim.fill_diagonal_(-1e4)
         target = torch.arange(B, device=dev) ^ 1
@@ -937,16 +936,10 @@ def unet_check(unet_path, vae_path, scorers_path, seeds=1, steps=20, cfg_scale=5
                 cls.append(c)
                 bgs.append(b)
     imgs = torch.cat(imgs)
-    scorers = Scorers(str(scorers_path))
-    every = scorers.prompt_fidelity(imgs, cls, bgs)
-
-    def group(name, labels):
-        idx = [i for i, x in enumerate(labels) if x == name]
-        return scorers.prompt_fidelity(imgs[idx], [cls[i] for i in idx], [bgs[i] for i in idx])
-
-    per = {c: group(c, cls)["class"] for c in scenes.CLASSES}
-    per.update({b: group(b, bgs)["background"] for b in scenes.BACKGROUNDS})
-    return imgs, every["class"], every["background"], per
+    hc, hb = Scorers(str(scorers_path)).prompt_hits(imgs, cls, bgs)   # one classifier pass, grouped below
+    per = {c: hc[torch.tensor([x == c for x in cls])].float().mean().item() for c in scenes.CLASSES}
+    per.update({b: hb[torch.tensor([x == b for x in bgs])].float().mean().item() for b in scenes.BACKGROUNDS})
+    return imgs, hc.float().mean().item(), hb.float().mean().item(), per
 
 
 def measure_unet(cfg, a, stop, dev):

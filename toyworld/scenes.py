@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SIZE = 64          # rendered image size (px) of the shipped (v1) model; world v2's model is trained at V2_SIZE
+SIZE = 64          # default render size (px): the scorers' input; the shipped (world v2) model works at V2_SIZE
 V2_SIZE = 128      # 16x16 latents: thin rims, rings and star points survive the 8x-down VAE
 SUPERSAMPLE = 2    # drawn at SIZE*SUPERSAMPLE then box-filtered (anti-aliasing)
 

@@ -112,13 +112,18 @@ class Scorers:
         """Mean cosine similarity over all (generated, reference) pairs (DreamBench's DINO protocol)."""
         return float((self.embed(generated) @ self.embed(references).t()).mean())
 
-    def prompt_fidelity(self, generated, cls: str | list, background: str | list) -> dict:
-        """Accuracy of the images against their prompt: class, background, and both (mean of the two)."""
+    def prompt_hits(self, generated, cls: str | list, background: str | list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image: is its class / background the prompt's (two bool tensors [N]), from one classifier pass."""
         n = as_nchw(generated).shape[0]
         cls = [cls] * n if isinstance(cls, str) else list(cls)
         background = [background] * n if isinstance(background, str) else list(background)
         pc, pb = self.classify(generated)
         yc = torch.tensor([scenes.CLASSES.index(c) for c in cls])
         yb = torch.tensor([list(scenes.BACKGROUNDS).index(b) for b in background])
-        ac, ab = (pc == yc).float().mean().item(), (pb == yb).float().mean().item()
+        return pc == yc, pb == yb
+
+    def prompt_fidelity(self, generated, cls: str | list, background: str | list) -> dict:
+        """Accuracy of the images against their prompt: class, background, and both (mean of the two)."""
+        hc, hb = self.prompt_hits(generated, cls, background)
+        ac, ab = hc.float().mean().item(), hb.float().mean().item()
         return {"class": ac, "background": ab, "prompt": (ac + ab) / 2}
