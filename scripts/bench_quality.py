@@ -14,6 +14,8 @@ Rows:
 - no personalization (token prompt): 'a photo of a sks ball on the beach' on the untouched model;
 - BootPIG reference attention: PersonalizeBootPIGReferenceEncoder (the base model as reference UNet, references with
   their masks) + PersonalizeBootPIGRSAPatch with the paper's defaults, class prompt;
+- BootPIG reference attention, reference on uncond: the same with the RSA Patch's reference_on_uncond (the negative
+  rows read the reference too, so CFG does not multiply the reference's pull);
 - further methods of the pack join when their nodes exist and need no extra training data (see METHODS).
 
 Subject fidelity = mean cosine similarity of the instance embedder between each image and the subject's reference
@@ -84,6 +86,7 @@ class TokenOnly(Method):
 
 class BootPIGReferenceAttention(Method):
     name = "BootPIG reference attention (no BootPIG training)"
+    on_uncond = False
 
     def available(self):
         return "PersonalizeBootPIGRSAPatch" in personalize.NODE_CLASS_MAPPINGS
@@ -92,7 +95,13 @@ class BootPIGReferenceAttention(Method):
         imgs, masks = _refs_tensors(refs)
         ref = _node("PersonalizeBootPIGReferenceEncoder").encode(model, vae, imgs, mask=masks,
                                                                  resolution=SIZE, seed=0)[0]
-        return _node("PersonalizeBootPIGRSAPatch").patch(model, ref)[0], clip
+        return _node("PersonalizeBootPIGRSAPatch").patch(model, ref, reference_on_uncond=self.on_uncond)[0], clip
+
+
+class BootPIGReferenceOnUncond(BootPIGReferenceAttention):
+    """The same with the RSA Patch's reference_on_uncond: the negative rows read the reference too (issue #14)."""
+    name = "BootPIG reference attention, reference on uncond (no BootPIG training)"
+    on_uncond = True
 
 
 class PickAndDraw(Method):
@@ -162,8 +171,8 @@ class DreamBoothLoRA(Method):
         return out[0], out[1]
 
 
-METHODS = [NoPersonalization(), TokenOnly(), BootPIGReferenceAttention(), PickAndDraw(), BootPIGPickAndDraw(),
-           DreamBoothLoRA()]
+METHODS = [NoPersonalization(), TokenOnly(), BootPIGReferenceAttention(), BootPIGReferenceOnUncond(), PickAndDraw(),
+           BootPIGPickAndDraw(), DreamBoothLoRA()]
 
 
 def real_renders(subject, prompts, seeds):
