@@ -10,6 +10,12 @@ PY := .venv/bin/python
 DEMO_WORKFLOW ?= example_workflows/toyworld_txt2img.json
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+# make test runs the suite in TEST_WORKERS processes (pytest-xdist; a test file stays in one process, so module and
+# session fixtures are built once per process), each torch on TEST_THREADS threads (inherited by the servers and
+# torchrun children the tests start). The suite's tensors are small: one process keeps a second core mostly idle.
+# TEST_WORKERS=0 TEST_THREADS=2: the whole suite in one process.
+TEST_WORKERS ?= 2
+TEST_THREADS ?= 1
 # small and short so that it finishes on a CPU; override for a real checkpoint on a GPU
 SD15_ARGS ?= --set EmptyLatentImage.width=128 --set EmptyLatentImage.height=128 --set KSampler.steps=4 \
 	--set PersonalizeBootPIGReferenceEncoder.resolution=128
@@ -31,7 +37,7 @@ demo-sd15: checkpoint
 	$(PY) -m scripts.run_workflow example_workflows/bootpig_reference.json --output-dir output/demo-sd15 $(SD15_ARGS)
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # the newest frontend package into its own folder (never the venv), served by the pinned server through PYTHONPATH
 test-frontend-latest: setup checkpoint

@@ -324,8 +324,14 @@ def engine_config(cfg: BootPIGConfig):
 def build_step(model, cfg: BootPIGConfig, resolution: int, autocast_dtype=None):
     """(BootPIGStep, reference-UNet trainables, base attn1 trainables). Both UNets are frozen_copy's of the model's
     UNet: new module objects over its storage, the trained parameters cloned as fp32 masters; ``model`` is not
-    modified."""
+    modified. The model is loaded first: ComfyUI installs a clone's object patches and weight patches in the UNet
+    they share when it loads that clone (and keeps them until another loads), so the UNet read here is ``model``'s
+    own, not the last sampled clone's (a Subject-Diffusion 5-channel conv_in, a LoRA)."""
+    import comfy.model_management as mm
+
     from .frozen_weights import frozen_copy
+
+    mm.load_models_gpu([model], force_full_load=True)
 
     bm = introspect.base_model(model)
     fam = introspect.family(model, "model")
@@ -400,7 +406,6 @@ def train(model, clip, vae, dataset: str, cfg: BootPIGConfig, save_path: str, *,
         data_fp = data.fingerprint()
 
     with torch.inference_mode(False), torch.enable_grad():
-        mm.load_models_gpu([model], force_full_load=True)
         device = model.load_device
         step_mod, ref_params, rsa_params = build_step(model, cfg, res, engine.autocast_dtype(cfg.training_dtype,
                                                                                             device))

@@ -7,6 +7,7 @@ end-to-end runs exercise the real loader, key layout and shapes. Random weights 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,17 @@ def ensure_checkpoint(path: Path | None = None, seed: int = 0, quiet: bool = Fal
     path = Path(path) if path else default_path()
     if path.is_file():
         return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # one writer: parallel test processes (make test's workers) wait for the first one's file instead of building
+    # 2 GB each
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return path
+        return _write(path, seed, quiet)
+
+
+def _write(path: Path, seed: int, quiet: bool) -> Path:
     host.bootstrap()
     from personalize.nodes.weights_io import save_atomic
 

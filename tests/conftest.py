@@ -37,6 +37,19 @@ def tiny_sdxl():
     return models.build_model("sdxl", tiny=True, seed=0)
 
 
+@pytest.fixture(autouse=True)
+def own_weights(request):
+    """A test that takes a shared tiny model starts with that model loaded, as every sampling node of a prompt does:
+    ComfyUI installs a clone's object and weight patches in the UNet the clones share when that clone loads and
+    keeps them until another model loads, so without this a test reading the UNet directly (state dicts, a trainer's
+    frozen copy) would see the patches of a clone an earlier test sampled (make test runs files in any order)."""
+    import comfy.model_management as mm
+
+    for name in ("tiny_sd15", "tiny_sdxl"):
+        if name in request.fixturenames:
+            mm.load_models_gpu([request.getfixturevalue(name)], force_full_load=True)
+
+
 @pytest.fixture(scope="session")
 def checkpoint_path():
     from scripts.make_checkpoint import ensure_checkpoint
