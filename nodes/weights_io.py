@@ -100,6 +100,12 @@ def _bad_text(bad: list, total: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ save
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_atomic(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, object] | None = None,
                 input_name: str = "save_name") -> str:
     """Write a safetensors file so that a killed run never leaves a truncated file under ``path`` and no file of
@@ -118,6 +124,9 @@ def save_atomic(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mappin
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        # mkstemp makes the file 0600; a weight file gets what any other new file gets (0666 less the umask), so a
+        # ComfyUI run by another user or container can read the LoRA it is given
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -146,17 +146,47 @@ class DreamBoothLoRA(Method):
     te_lr = 0.0   # > 0: also train a LoRA on the text encoder at this learning rate
     class_images = 8
     loss_weighting = "debiased"
+    reuse = False  # True: load a subject's LoRA that an earlier run saved with this recipe instead of training
 
     @property
     def name(self):
         te = f", text encoder lr {self.te_lr:g}" if self.te_lr else ""
+        reused = "; reused LoRA files: s / image without training" if self.reuse else ""
         return (f"DreamBooth LoRA ({self.steps} steps, lr {self.lr:g}, rank {self.rank}, {self.targets}, "
-                f"prior {self.prior_weight:g} x {self.class_images} images, loss weighting {self.loss_weighting}{te})")
+                f"prior {self.prior_weight:g} x {self.class_images} images, loss weighting {self.loss_weighting}{te}"
+                f"{reused})")
 
     def available(self):
         return "PersonalizeDreamBoothLoRATrainer" in personalize.NODE_CLASS_MAPPINGS
 
+    def recipe(self) -> dict:
+        return {"steps": self.steps, "learning_rate": self.lr, "rank": self.rank, "alpha": float(self.rank),
+                "targets": self.targets, "prior_loss_weight": self.prior_weight,
+                "num_class_images": self.class_images, "loss_weighting": self.loss_weighting,
+                "train_text_encoder": self.te_lr > 0, "resolution": SIZE, "seed": 0}
+
+    def saved(self, subject):
+        """The LoRA file an earlier run of this recipe saved for the subject (models/loras), else None."""
+        import json
+
+        import folder_paths
+        from safetensors import safe_open
+
+        path = folder_paths.get_full_path("loras", f"toybench_{subject.name}.safetensors")
+        if not path:
+            return None
+        with safe_open(path, "pt") as f:
+            cfg = json.loads((f.metadata() or {}).get("personalize.config", "{}"))
+        return path if all(cfg.get(k) == v for k, v in self.recipe().items()) else None
+
     def prepare(self, model, clip, vae, subject, refs):
+        if self.reuse:
+            import nodes as comfy_nodes
+
+            if self.saved(subject) is None:
+                raise SystemExit(f"--dreambooth-reuse: no toybench_{subject.name}.safetensors of this recipe in "
+                                 "models/loras (run the bench once without it)")
+            return comfy_nodes.LoraLoader().load_lora(model, clip, f"toybench_{subject.name}.safetensors", 1.0, 1.0)
         imgs, _ = _refs_tensors(refs)
         with torch.inference_mode(False):
             out = _node("PersonalizeDreamBoothLoRATrainer").train(
@@ -200,6 +230,10 @@ def main(argv=None):
                     help="none | min_snr_5 | debiased")
     ap.add_argument("--dreambooth-text-encoder-lr", type=float, default=DreamBoothLoRA.te_lr,
                     help="> 0: DreamBooth also trains a text-encoder LoRA at this learning rate")
+    ap.add_argument("--dreambooth-reuse", action="store_true",
+                    help="load each subject's LoRA that an earlier run of the same recipe saved (models/loras/"
+                         "toybench_<subject>.safetensors) instead of training it again (its s / image then leaves "
+                         "out the training)")
     ap.add_argument("--denoise", default="1",
                     help="comma-separated denoise levels: below 1 a method's images start from the subject's own "
                          "renders (the ceiling row's images) noised to that level (img2img), one row per level: where "
@@ -256,6 +290,7 @@ def main(argv=None):
     DreamBoothLoRA.targets, DreamBoothLoRA.prior_weight = a.dreambooth_targets, a.dreambooth_prior_weight
     DreamBoothLoRA.te_lr, DreamBoothLoRA.class_images = a.dreambooth_text_encoder_lr, a.dreambooth_class_images
     DreamBoothLoRA.loss_weighting = a.dreambooth_loss_weighting
+    DreamBoothLoRA.reuse = a.dreambooth_reuse
     wanted = [w.strip().lower() for w in a.methods.split(",")] if a.methods else None
     levels = sorted((float(d) for d in a.denoise.split(",")), reverse=True)
     if any(not 0 < d <= 1 for d in levels):

@@ -218,6 +218,20 @@ def test_zero_up_lora_leaves_output_identical(mods, tmp_path):
     assert type(m.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.to_q).__name__ == "Linear"
 
 
+def test_saved_weights_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    import os
+
+    from personalize.nodes.weights_io import save_atomic
+
+    old = os.umask(0o027)
+    try:
+        path = save_atomic({"a": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
 def test_prior_weight_zero_class_batch_has_no_effect_on_gradient(mods):
     from personalize.nodes import dreambooth
 
