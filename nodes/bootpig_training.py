@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 
 from . import introspect
+from .forward_process import sample_timesteps
 from .errors import InputError, require
 
 LOG = logging.getLogger("personalize.bootpig")
@@ -261,7 +262,7 @@ def step_batch(step: int, cfg: BootPIGConfig, data: Prepared, sigmas: torch.Tens
         idx.append(int(epoch_perm[e][i % n]))
     drop_ref = bool(torch.rand((), generator=g) < cfg.reference_dropout)
     drop_cap = (torch.rand(B, generator=g) < cfg.caption_dropout).tolist()
-    t = torch.randint(0, sigmas.shape[0], (B,), generator=g)
+    t = sample_timesteps(sigmas, B, g)
     shape = tuple(data.targets.shape[1:])
     noise = torch.randn((B,) + shape, generator=g)
     ref_noise = torch.randn((B,) + shape, generator=g)

@@ -38,7 +38,7 @@ from . import introspect, lora
 from .trainable import out_of_place_clip
 from .images import prepare_pixels  # noqa: F401  (re-exported: the CLI and tests use dreambooth.prepare_pixels)
 from .errors import InputError, require
-from .forward_process import LOSS_WEIGHTINGS
+from .forward_process import LOSS_WEIGHTINGS, sample_timesteps
 from .training_engine import (TRAINING_DTYPES, fingerprint, optimizer_description, sanitize_save_name,  # noqa: F401
                               save_file, save_path_for)
 from .validation import check_image
@@ -381,7 +381,7 @@ def step_batch(step: int, cfg: TrainConfig, inst: torch.Tensor, cls: torch.Tenso
     else:
         x0 = x_inst
     noise = torch.randn(x0.shape, generator=g)
-    t = torch.randint(0, sigmas.shape[0], (x0.shape[0],), generator=g)
+    t = sample_timesteps(sigmas, x0.shape[0], g)
     lo, hi = part * b, (part + 1) * b
     keep = torch.cat([torch.arange(lo, hi), torch.arange(B + lo, B + hi)]) if n_cls else torch.arange(lo, hi)
     return {"x0": x0[keep], "noise": noise[keep], "t": t[keep], "sigma": sigmas[t[keep]], "n_inst": b,

@@ -84,9 +84,10 @@ def training_sigmas(model_sampling) -> torch.Tensor:
         return model_sampling.sigmas.detach().float().cpu().clone()
 
 
-def sample_timesteps(model_sampling, n: int, generator: torch.Generator) -> torch.Tensor:
-    """t ~ U{0..T-1} per row (the DDPM training distribution), from a seeded generator."""
-    return torch.randint(0, int(model_sampling.sigmas.shape[0]), (n,), generator=generator)
+def sample_timesteps(sigmas: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """t ~ U{0..T-1} per row (the DDPM training distribution) over ``training_sigmas``' table, from a seeded
+    generator: every trainer's noise-level draw."""
+    return torch.randint(0, int(sigmas.shape[0]), (n,), generator=generator)
 
 
 # per-row loss weightings of the MSE on the model's own target (eps or v), by the row's signal-to-noise ratio:

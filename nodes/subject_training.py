@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .text_fusion import fuse_tokens, make_prompt, placeholder_id, text_key
 from .adapters import SubjectWeights, check_model, gated
 from .errors import InputError, require
+from .forward_process import sample_timesteps
 from .introspect import BlockKey, base_model, family
 from .location import CONV_IN, box_to_xyxy, expanded_conv, location_channel, mask_to_box, output_channels
 from .trainable import out_of_place_clip
@@ -314,7 +315,7 @@ class SubjectTrainer:
         rows = []
         for _ in range(parts * self.batch_size):
             i = int(torch.randint(0, len(self.examples), (1,), generator=g))
-            t = int(torch.randint(0, int(self.sigmas.shape[0]), (1,), generator=g))
+            t = int(sample_timesteps(self.sigmas, 1, g))
             r = float(torch.rand((), generator=g))
             noise = torch.randn(self.examples[i]["z0"].shape, generator=g)
             rows.append((i, self.sigmas[t].reshape(1), noise, r < TEXT_DROP, MASK_DROP[0] <= r < MASK_DROP[1]))

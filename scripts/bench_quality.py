@@ -160,10 +160,12 @@ class DreamBoothLoRA(Method):
         return "PersonalizeDreamBoothLoRATrainer" in personalize.NODE_CLASS_MAPPINGS
 
     def recipe(self) -> dict:
+        """The trainer node's arguments of this recipe (also what its file's ``personalize.config`` records)."""
         return {"steps": self.steps, "learning_rate": self.lr, "rank": self.rank, "alpha": float(self.rank),
                 "targets": self.targets, "prior_loss_weight": self.prior_weight,
                 "num_class_images": self.class_images, "loss_weighting": self.loss_weighting,
-                "train_text_encoder": self.te_lr > 0, "resolution": SIZE, "seed": 0}
+                "train_text_encoder": self.te_lr > 0, "text_encoder_lr": self.te_lr or 5e-6, "resolution": SIZE,
+                "seed": 0, "class_steps": STEPS, "class_cfg": CFG, "class_sampler": SAMPLER}
 
     def saved(self, subject):
         """The LoRA file an earlier run of this recipe saved for the subject (models/loras), else None."""
@@ -191,13 +193,8 @@ class DreamBoothLoRA(Method):
         with torch.inference_mode(False):
             out = _node("PersonalizeDreamBoothLoRATrainer").train(
                 model, clip, vae, imgs, class_noun=subject.cls, instance_prompt="a photo of a sks {class}",
-                class_prompt="a photo of a {class}", num_class_images=self.class_images, steps=self.steps,
-                learning_rate=self.lr,
-                rank=self.rank, alpha=float(self.rank), targets=self.targets, prior_loss_weight=self.prior_weight,
-                loss_weighting=self.loss_weighting, train_text_encoder=self.te_lr > 0,
-                text_encoder_lr=self.te_lr or 5e-6,
-                resolution=SIZE, seed=0, save_name=f"toybench_{subject.name}", overwrite=True,
-                resume=False, checkpoint_every=0, class_steps=STEPS, class_cfg=CFG, class_sampler=SAMPLER)
+                class_prompt="a photo of a {class}", save_name=f"toybench_{subject.name}", overwrite=True,
+                resume=False, checkpoint_every=0, **self.recipe())
         return out[0], out[1]
 
 

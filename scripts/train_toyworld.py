@@ -117,19 +117,12 @@ class Stop:
 
 
 def save(tensors, path, meta):
-    """fp16 safetensors, written to a temporary name and renamed (never half-written; never NaN)."""
-    from safetensors.torch import save_file
+    """fp16 safetensors through the pack's one weight writer (weights_io.save_atomic: checked for non-finite values
+    after the fp16 cast, written to a temporary name and renamed)."""
+    from personalize.nodes.weights_io import save_atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise RuntimeError(f"not saving {path}: non-finite weights in {bad[:3]}")
-    tmp = path.parent / f".{path.name}.partial"
-    save_file({k: v.detach().cpu().to(torch.float16).contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()})
-    os.replace(tmp, path)
-    log("saved", path, f"{path.stat().st_size / 1e6:.2f} MB")
+    save_atomic({k: v.detach().cpu().to(torch.float16) for k, v in tensors.items()}, str(path), meta)
+    log("saved", path, f"{Path(path).stat().st_size / 1e6:.2f} MB")
 
 
 def rng_state(rng, device):
